@@ -1,0 +1,159 @@
+"""Reading and writing inference checkpoints: `NAME.safetensors` (tensors) + `NAME.json` (the model card).
+
+The card alone rebuilds the networks (config), says where they came from (data, steps, device, metrics, library
+versions) and pins the tensor file by sha256. Loading never unpickles anything and refuses a tensor file that does
+not match its card, saying which check failed.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .disentangler import Disentangler
+
+FORMAT = "did-checkpoint/1"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the reason."""
+
+
+def paths(path: str | Path) -> tuple[Path, Path]:
+    """(card, tensors) for 'DIR/NAME', 'DIR/NAME.json', 'DIR/NAME.safetensors' or a run directory holding model.json."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model"
+    if p.suffix in (".json", ".safetensors"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".json"), p.with_name(p.name + ".safetensors")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    def v(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {"did": v("did"), "torch": torch.__version__, "safetensors": v("safetensors"), "python": platform.python_version()}
+
+
+def save(
+    model: Disentangler,
+    path: str | Path,
+    *,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write the model's tensors (cast to `dtype`) and its card; returns the card's path.
+
+    The tensor file is written first and the card last, each through a temporary name, so a reader never sees
+    a card that points at a half-written tensor file.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    card_path, tensor_path = paths(path)
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
+    tmp = tensor_path.with_name(tensor_path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": FORMAT})
+    tmp.chmod(0o644)  # readable by a service running as another user
+    tmp.replace(tensor_path)
+    card = {
+        "format": FORMAT,
+        "name": card_path.stem,
+        "variant": model.config.variant,
+        "domains": {"a": model.config.domain_a, "b": model.config.domain_b},
+        "config": model.config.to_dict(),
+        "tensors": {
+            "file": tensor_path.name,
+            "sha256": sha256(tensor_path),
+            "dtype": dtype,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "bytes": tensor_path.stat().st_size,
+        },
+        "training": training or {},
+        "metrics": metrics or {},
+        "versions": versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    tmp = card_path.with_name(card_path.name + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(card_path)
+    return card_path
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The model card, checked for format and required fields (tensors are not read)."""
+    card_path, _ = paths(path)
+    if not card_path.is_file():
+        raise CheckpointError(f"{card_path}: model card not found")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{card_path}: model card is not valid JSON ({e})") from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise CheckpointError(f"{card_path}: not a {FORMAT} model card (format={card.get('format') if isinstance(card, dict) else None!r})")
+    for key in ("config", "tensors"):
+        if not isinstance(card.get(key), dict):
+            raise CheckpointError(f"{card_path}: model card has no '{key}' section")
+    return card
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Disentangler:
+    """Rebuild the model from its card and load its tensors, in eval mode on `device`; `model.card` holds the card."""
+    card_path, _ = paths(path)
+    card = read_card(card_path)
+    tensor_path = card_path.parent / card["tensors"].get("file", card_path.stem + ".safetensors")
+    if not tensor_path.is_file():
+        raise CheckpointError(f"{card_path}: tensor file {tensor_path.name} not found")
+    digest = sha256(tensor_path)
+    if digest != card["tensors"].get("sha256"):
+        raise CheckpointError(
+            f"{tensor_path}: sha256 {digest[:16]}... does not match the card's {str(card['tensors'].get('sha256'))[:16]}... "
+            "(the tensor file was changed or belongs to another card)"
+        )
+    try:
+        config = ModelConfig.from_dict(card["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{card_path}: invalid model config ({e})") from None
+    model = Disentangler(config)
+    expected = model.state_dict()
+    try:
+        with safe_open(str(tensor_path), framework="pt") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise CheckpointError(f"{tensor_path}: not a readable safetensors file ({e})") from None
+    problems = [f"missing {k}" for k in expected if k not in stored]
+    problems += [f"unexpected {k}" for k in stored if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(stored[k].shape)}, the card's config needs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in stored and stored[k].shape != v.shape
+    ]
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError(f"{tensor_path}: tensors do not match the card's config: {'; '.join(problems[:5])}{more}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in stored.items()})
+    model.card = card
+    return model.to(device=device, dtype=dtype).eval()

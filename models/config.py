@@ -1,0 +1,113 @@
+"""The one object that fully describes a model: everything needed to rebuild its networks from a model card."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Variant = Literal["plain", "mask"]
+VARIANTS: tuple[str, ...] = ("plain",)  # "mask" (the ICLR 2020 variant) joins when its decoder head exists
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the encoders, decoder and latent discriminator.
+
+    The defaults at 128 px are the published architecture: six stride-2 4x4 convolutions per encoder
+    (32-64-128-256-512 then the code) down to a 2x2 map, separate codes of 25 channels (100 numbers), a common
+    code of 512 - 2*25 = 462 channels, a decoder 512-512-256-128-64-32-3. Other power-of-two sizes add or drop
+    one stride-2 layer per octave so the code map stays 2x2 (the published code breaks below 128 px).
+    """
+
+    image_size: int = 128
+    base_width: int = 32  # channels of the first encoder layer; doubles per layer
+    max_width: int = 512  # ... up to this cap
+    code_channels: int = 512  # common + sep_a + sep_b channels of the 2x2 code map
+    sep_channels: int = 25  # channels of each separate code
+    disc_hidden: int = 512  # hidden units of the latent discriminator MLP
+    variant: Variant = "plain"
+    domain_a: str = "a"
+    domain_b: str = "b"
+
+    def __post_init__(self) -> None:
+        s = self.image_size
+        if s < 64 or s > 256 or s & (s - 1):
+            raise ValueError(f"image_size must be a power of two from 64 to 256, not {s}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, not {self.variant!r}")
+        if self.common_channels < 1:
+            raise ValueError(f"code_channels ({self.code_channels}) must exceed 2 * sep_channels ({self.sep_channels})")
+        if min(self.base_width, self.max_width, self.sep_channels, self.disc_hidden) < 1:
+            raise ValueError("widths and code sizes must be positive")
+        if not self.domain_a or not self.domain_b or self.domain_a == self.domain_b:
+            raise ValueError(f"domain names must be two different non-empty names, not {self.domain_a!r}/{self.domain_b!r}")
+
+    @property
+    def common_channels(self) -> int:
+        return self.code_channels - 2 * self.sep_channels
+
+    @property
+    def num_layers(self) -> int:
+        """Stride-2 layers from image_size down to the 2x2 code map: 5 at 64 px, 6 at 128, 7 at 256."""
+        return int(math.log2(self.image_size)) - 1
+
+    @property
+    def hidden_widths(self) -> tuple[int, ...]:
+        """Encoder widths before the code layer (the decoder uses them reversed): 32, 64, 128, 256, 512 at 128 px."""
+        return tuple(min(self.base_width * 2**i, self.max_width) for i in range(self.num_layers - 1))
+
+    @property
+    def code_shape(self) -> tuple[int, int]:
+        """Spatial size of every code map."""
+        return (2, 2)
+
+    @property
+    def sep_size(self) -> int:
+        """Numbers in one separate code (100 for the published sizes)."""
+        return self.sep_channels * 4
+
+    @property
+    def common_size(self) -> int:
+        return self.common_channels * 4
+
+    def domain_index(self, name: str) -> int:
+        """0 for domain a, 1 for domain b, accepting 'a'/'b' or the domain's own name."""
+        key = name.strip().lower()
+        if key in ("a", self.domain_a.lower()):
+            return 0
+        if key in ("b", self.domain_b.lower()):
+            return 1
+        raise ValueError(f"unknown domain {name!r}: expected 'a', 'b', {self.domain_a!r} or {self.domain_b!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Rebuild from a card; unknown keys are refused so a card from a newer format is not silently misread."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"model config has unknown fields {unknown}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    # The published sizes (about 19 M parameters at 128 px): the default for CelebA and speed comparisons.
+    "paper": dict(base_width=32, max_width=512, code_channels=512, sep_channels=25, disc_hidden=512),
+    # Slim nets for the synthetic benchmark and CPU training: a few MB in fp16.
+    "slim": dict(base_width=16, max_width=256, code_channels=256, sep_channels=16, disc_hidden=256),
+    # Tiny nets for tests.
+    "tiny": dict(base_width=8, max_width=32, code_channels=32, sep_channels=4, disc_hidden=32),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A config from a named width preset, e.g. preset('slim', image_size=64, domain_a='smile')."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose from {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,98 @@
+"""Conversions between Pillow images and the tensors the networks read and write.
+
+Everything that turns pixels into model input lives here, so training data, the service's uploads and the
+evaluation all normalise images the same way: RGB, the model's square resolution, values in [-1, 1].
+The service adds its own guards (byte and pixel caps, EXIF) in `app/imaging.py` on top of these functions.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+Fit = Literal["crop", "pad"]
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any Pillow mode (palette, grayscale, 16-bit, CMYK, alpha) as 8-bit RGB; alpha is composited on `background`."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of letting Pillow clip everything above 255 to white.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        img = Image.fromarray(((arr - lo) * scale).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
+
+
+def center_crop(img: Image.Image, side: int) -> Image.Image:
+    """The central `side` x `side` square (the published CelebA preprocessing crops 178 px of 178x218)."""
+    w, h = img.size
+    side = min(side, w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
+def fit(img: Image.Image, size: int, mode: Fit = "crop", background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Square `size` x `size` RGB: `crop` keeps the central square, `pad` letterboxes the whole image."""
+    img = to_rgb(img)
+    if mode == "crop":
+        img = center_crop(img, min(img.size))
+        return img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0) if img.size != (size, size) else img
+    if mode == "pad":
+        return ImageOps.pad(img, (size, size), Image.Resampling.BICUBIC, color=background)
+    raise ValueError(f"fit must be 'crop' or 'pad', not {mode!r}")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB image -> float tensor (3, H, W) in [-1, 1]."""
+    arr = np.asarray(to_rgb(img), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(batch: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1], (N, 3, H, W) or (3, H, W) -> uint8 HWC on the CPU, rounded, clamped."""
+    x = batch.detach().float().add(1.0).mul(127.5).round().clamp_(0, 255).to(torch.uint8)
+    return x.movedim(-3, -1).cpu()
+
+
+def to_pil(img: torch.Tensor) -> Image.Image:
+    """One float image (3, H, W) in [-1, 1] -> Pillow RGB."""
+    return Image.fromarray(to_uint8(img).numpy(), "RGB")
+
+
+def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, fill: float = 1.0) -> torch.Tensor:
+    """Tile (N, 3, H, W) images into one (3, H', W') image, `nrow` per row, `pad` pixels of `fill` between."""
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    out = images.new_full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), fill)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        out[:, y : y + h, x : x + w] = images[i]
+    return out
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Write (N, 3, H, W) images in [-1, 1] as one PNG grid."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(grid(images.detach().float().cpu(), nrow)).save(path)
+    return path

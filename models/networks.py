@@ -1,0 +1,78 @@
+"""The three networks of the method: one encoder class (used for the common and both separate codes), one decoder,
+one latent discriminator. Shapes in comments are for the published 128 px configuration."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from .config import ModelConfig
+
+
+def _down(c_in: int, c_out: int, norm: bool) -> nn.Sequential:
+    """4x4 stride-2 convolution (spectral norm) -> instance norm -> LeakyReLU 0.2: halves the map."""
+    layers: list[nn.Module] = [spectral_norm(nn.Conv2d(c_in, c_out, 4, 2, 1))]
+    if norm:
+        layers.append(nn.InstanceNorm2d(c_out, affine=True))
+    layers.append(nn.LeakyReLU(0.2, inplace=True))
+    return nn.Sequential(*layers)
+
+
+def _up(c_in: int, c_out: int) -> nn.Sequential:
+    """4x4 stride-2 transposed convolution -> layer norm over (C, H, W) -> ReLU: doubles the map.
+
+    The decoder normalises per sample over all channels (GroupNorm with one group) rather than per channel:
+    instance norm on the 4x4 map right after the 2x2 code would erase each channel's mean, which is where the
+    size of a separate code (and so an edit's `strength`) lives. One group keeps outputs independent of the batch.
+    """
+    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(1, c_out), nn.ReLU(inplace=True))
+
+
+class Encoder(nn.Module):
+    """Image (N, 3, S, S) -> code map (N, out_channels, 2, 2).
+
+    The same class is the common encoder E_c (out_channels = common) and both separate encoders E_sA, E_sB
+    (out_channels = sep). 128 px: 3 -> 32 (64x64) -> 64 (32) -> 128 (16) -> 256 (8) -> 512 (4) -> out (2).
+    """
+
+    def __init__(self, config: ModelConfig, out_channels: int):
+        super().__init__()
+        widths = (3, *config.hidden_widths)
+        self.body = nn.Sequential(*(_down(c_in, c_out, norm=i > 0) for i, (c_in, c_out) in enumerate(zip(widths, widths[1:]))))
+        # The code layer: no norm or activation, so a separate code can be exactly zero (the zero loss) or any size.
+        self.head = spectral_norm(nn.Conv2d(widths[-1], out_channels, 4, 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class Decoder(nn.Module):
+    """Concatenated codes (N, common + 2*sep, 2, 2) -> image (N, 3, S, S) in [-1, 1].
+
+    128 px: 512 (2x2) -> 512 (4) -> 256 (8) -> 128 (16) -> 64 (32) -> 32 (64) -> 3 (128), tanh.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        widths = (config.code_channels, *reversed(config.hidden_widths))
+        self.body = nn.Sequential(*(_up(c_in, c_out) for c_in, c_out in zip(widths, widths[1:])))
+        self.to_rgb = nn.ConvTranspose2d(widths[-1], 3, 4, 2, 1)
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.to_rgb(self.body(code)))
+
+
+class LatentDiscriminator(nn.Module):
+    """Common code (N, common, 2, 2) -> logit (N,) that the code came from domain a (training only)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            spectral_norm(nn.Linear(config.common_size, config.disc_hidden)),
+            nn.LeakyReLU(0.2, inplace=True),
+            spectral_norm(nn.Linear(config.disc_hidden, 1)),
+        )
+
+    def forward(self, common: torch.Tensor) -> torch.Tensor:
+        return self.net(common).squeeze(1)

@@ -1,0 +1,39 @@
+"""Each loss against a hand computation."""
+import math
+
+import torch
+
+from models import Codes
+from training import losses
+
+
+def test_reconstruction_is_mean_l1() -> None:
+    recon = torch.tensor([[0.0, 1.0], [0.5, -1.0]])
+    target = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    assert losses.reconstruction(recon, target).item() == (1 + 0 + 0.5 + 2) / 4
+
+
+def test_zero_sums_both_cross_codes() -> None:
+    sep_a_of_b = torch.tensor([1.0, -1.0, 0.0, 2.0])  # mean |.| = 1
+    sep_b_of_a = torch.tensor([0.5, -0.5])  # mean |.| = 0.5
+    assert losses.zero(sep_a_of_b, sep_b_of_a).item() == 1.5
+
+
+def test_discriminator_and_adversarial_labels() -> None:
+    la, lb = torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 3.0])
+    sig = lambda v: 1 / (1 + math.exp(-v))
+    bce = lambda logit, y: -(y * math.log(sig(logit)) + (1 - y) * math.log(1 - sig(logit)))
+    d = (bce(2, 1) + bce(0, 1)) / 2 + (bce(-1, 0) + bce(3, 0)) / 2
+    g = (bce(2, 0) + bce(0, 0)) / 2 + (bce(-1, 0) + bce(3, 0)) / 2  # the encoder calls both domains 'b'
+    assert math.isclose(losses.discriminator(la, lb).item(), d, rel_tol=1e-6)
+    assert math.isclose(losses.adversarial(la, lb).item(), g, rel_tol=1e-6)
+
+
+def test_generator_terms_pick_the_right_codes() -> None:
+    z = torch.zeros(1, 1, 2, 2)
+    codes_a = Codes(z, z + 5, z + 2)  # sep_b of an a image: 2
+    codes_b = Codes(z, z + 3, z + 7)  # sep_a of a b image: 3
+    a = torch.ones(1, 3, 4, 4)
+    terms = losses.generator_terms(codes_a, codes_b, a * 0.5, a * 0, a, a)
+    assert terms["zero"].item() == 5.0
+    assert terms["recon_a"].item() == 0.5 and terms["recon_b"].item() == 1.0

@@ -1,0 +1,105 @@
+"""Shapes, round trips and the edit formulas of the Disentangler at every supported size."""
+import pytest
+import torch
+
+from models import Codes, Disentangler, ModelConfig, preset
+from models.networks import LatentDiscriminator
+
+
+@pytest.fixture(scope="module")
+def tiny64() -> Disentangler:
+    torch.manual_seed(0)
+    return Disentangler(preset("tiny", image_size=64, domain_a="smile", domain_b="glasses")).eval()
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_shapes_round_trip(size: int) -> None:
+    cfg = preset("tiny", image_size=size)
+    model = Disentangler(cfg).eval()
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    with torch.no_grad():
+        codes = model.encode(x)
+        y = model.decode(*codes)
+    assert codes.common.shape == (2, cfg.common_channels, 2, 2)
+    assert codes.sep_a.shape == codes.sep_b.shape == (2, cfg.sep_channels, 2, 2)
+    assert y.shape == x.shape and y.abs().max() <= 1
+    assert LatentDiscriminator(cfg)(codes.common).shape == (2,)
+
+
+def test_published_sizes() -> None:
+    cfg = ModelConfig()
+    assert cfg.hidden_widths == (32, 64, 128, 256, 512) and cfg.num_layers == 6
+    assert cfg.common_channels == 462 and cfg.sep_size == 100
+    params = sum(p.numel() for p in Disentangler(cfg).parameters())
+    assert 18e6 < params < 21e6  # "about 19 M parameters"
+
+
+@pytest.mark.parametrize("bad", [32, 100, 512])
+def test_rejects_bad_sizes(bad: int) -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        ModelConfig(image_size=bad)
+
+
+def test_rejects_bad_input_shape(tiny64: Disentangler) -> None:
+    with pytest.raises(ValueError, match="expected images"):
+        tiny64.encode(torch.zeros(1, 3, 128, 128))
+
+
+def test_domain_index_names() -> None:
+    cfg = preset("tiny", image_size=64, domain_a="smile", domain_b="glasses")
+    assert [cfg.domain_index(n) for n in ("a", "B", "smile", "Glasses")] == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="unknown domain"):
+        cfg.domain_index("beard")
+
+
+@torch.no_grad()
+def test_transfer_matches_formula(tiny64: Disentangler) -> None:
+    m = tiny64
+    content, guide = torch.rand(3, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 2 - 1
+    c, g = m.encode(content), m.encode(guide)
+    # a's attribute onto content, removing content's b attribute: G(E_c(c), E_sA(g), 0)
+    torch.testing.assert_close(m.transfer(content, guide, target="a"), m.decode(c.common, g.sep_a, None))
+    torch.testing.assert_close(m.transfer(content, guide, target=1), m.decode(c.common, None, g.sep_b))
+    torch.testing.assert_close(m.transfer(content, guide, target="glasses", keep=True, strength=0.5),
+                               m.decode(c.common, c.sep_a, 0.5 * g.sep_b))
+    # per-image targets in one batch equal the per-target calls
+    mixed = m.transfer(content, guide, target=torch.tensor([0, 1, 0]))
+    torch.testing.assert_close(mixed[1], m.transfer(content[1:2], guide[1:2], target=1)[0])
+    torch.testing.assert_close(mixed[0], m.transfer(content[:1], guide[:1], target=0)[0])
+    # detection picks the domain with the larger separate code
+    detected = m.detect(g)
+    torch.testing.assert_close(m.transfer(content, guide), m.transfer(content, guide, target=detected))
+
+
+@torch.no_grad()
+def test_intersect_remove_interpolate(tiny64: Disentangler) -> None:
+    m = tiny64
+    x, ga, gb = (torch.rand(2, 3, 64, 64) * 2 - 1 for _ in range(3))
+    torch.testing.assert_close(m.intersect(x, ga, gb), m.decode(m.encode(x).common, m.encode(ga).sep_a, m.encode(gb).sep_b))
+    c = m.encode(x)
+    torch.testing.assert_close(m.remove(x, "both"), m.decode(c.common))
+    torch.testing.assert_close(m.remove(x, "a"), m.decode(c.common, None, c.sep_b))
+    torch.testing.assert_close(m.remove(x, torch.tensor([1, 2])), torch.stack([m.decode(c.common, c.sep_a)[0], m.decode(c.common)[1]]))
+    e = m.encode(ga)
+    path = m.interpolate(c, e, steps=5, space="a")
+    assert path.shape == (2, 5, 3, 64, 64)
+    torch.testing.assert_close(path[:, 0], m.decode(*c))
+    torch.testing.assert_close(path[:, -1], m.decode(c.common, e.sep_a, c.sep_b))
+    full = m.interpolate(c, e, steps=3, space="all")
+    torch.testing.assert_close(full[:, -1], m.decode(*e))
+    with pytest.raises(ValueError):
+        m.interpolate(c, e, steps=3, space="nose")
+
+
+@torch.no_grad()
+def test_batched_equals_unbatched(tiny64: Disentangler) -> None:
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    whole = tiny64.reconstruct(x)
+    one_by_one = torch.cat([tiny64.reconstruct(x[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(whole, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+def test_codes_helpers() -> None:
+    c = Codes(torch.zeros(4, 2, 2, 2), torch.ones(4, 1, 2, 2), torch.ones(4, 1, 2, 2))
+    both = Codes.cat([c.index(slice(0, 1)), c.index(slice(1, None))])
+    assert all(torch.equal(x, y) for x, y in zip(both, c))

@@ -1,0 +1,152 @@
+"""The `did` command line: `did train`, `did data preview` (and the service's `did serve` where installed).
+
+`python -m training FLAGS` is `did train FLAGS`, so `torchrun ... -m training FLAGS` launches the same run on any
+number of processes and nodes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from models.config import PRESETS
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `did train` (and `python -m training`)."""
+    from .loop import TrainConfig
+
+    d = TrainConfig()
+    data = p.add_argument_group("data")
+    data.add_argument("--data", choices=("synthetic", "celeba", "folders"), default="synthetic",
+                      help="synthetic face benchmark (default), CelebA, or two image folders")
+    data.add_argument("--pair", default="smile_glasses", help="domain pair for synthetic/celeba: smile_glasses, beard_smile, beard_glasses")
+    data.add_argument("--root", type=Path, help="CelebA root (img_align_celeba/, list_attr_celeba.txt)")
+    data.add_argument("--split", default="train", choices=("train", "val", "test", "all"), help="CelebA partition (default train)")
+    data.add_argument("--a", type=Path, help="folder of domain-a images (--data folders)")
+    data.add_argument("--b", type=Path, help="folder of domain-b images (--data folders)")
+    data.add_argument("--image-size", type=int, default=128, help="power of two from 64 to 256 (default 128)")
+    data.add_argument("--num-workers", type=int, default=d.num_workers, help="image-decoding workers for file data")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--width", choices=sorted(PRESETS), default=d.width, help="network widths (default: the published 'paper')")
+    model.add_argument("--sep-channels", type=int, help="override: channels of each separate code")
+    model.add_argument("--code-channels", type=int, help="override: channels of the whole code map")
+
+    opt = p.add_argument_group("optimisation (published defaults)")
+    opt.add_argument("--steps", type=int, default=d.steps)
+    opt.add_argument("--batch-size", type=int, default=d.batch_size, help="images per domain per process")
+    opt.add_argument("--lr", type=float, default=d.lr)
+    opt.add_argument("--beta1", type=float, default=d.betas[0])
+    opt.add_argument("--beta2", type=float, default=d.betas[1])
+    opt.add_argument("--recon-weight", type=float, default=d.recon_weight)
+    opt.add_argument("--zero-weight", type=float, default=d.zero_weight)
+    opt.add_argument("--adv-weight", type=float, default=d.adv_weight)
+    opt.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip for both nets")
+    opt.add_argument("--seed", type=int, default=d.seed)
+    opt.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA instead of bf16 autocast")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log.jsonl, samples/, train_state.pt)")
+    run.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda or cuda:N")
+    run.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    run.add_argument("--log-every", type=int, default=d.log_every)
+    run.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids (0: only at the end)")
+    run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints (0: only at the end)")
+    run.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), default=d.save_dtype,
+                     help="dtype of the inference checkpoint's tensors (training state stays fp32)")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (log.jsonl is still written)")
+
+
+def build_source(args: argparse.Namespace):
+    """The data source the flags name."""
+    if args.data == "synthetic":
+        from .synthetic import SyntheticPairs
+
+        return SyntheticPairs(args.pair, image_size=args.image_size)
+    if args.data == "celeba":
+        if args.root is None:
+            raise ValueError("--data celeba needs --root (the folder holding img_align_celeba/ and list_attr_celeba.txt)")
+        from .data import CelebAPairs
+
+        return CelebAPairs(args.root, args.pair, image_size=args.image_size, split=args.split)
+    if args.a is None or args.b is None:
+        raise ValueError("--data folders needs --a DIR_A and --b DIR_B")
+    from .data import ImageFolderPairs
+
+    return ImageFolderPairs(args.a, args.b, image_size=args.image_size)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .loop import TrainConfig, train
+
+    overrides = {k: v for k, v in (("sep_channels", args.sep_channels), ("code_channels", args.code_channels)) if v is not None}
+    cfg = TrainConfig(
+        out=str(args.out), steps=args.steps, batch_size=args.batch_size, width=args.width, lr=args.lr,
+        betas=(args.beta1, args.beta2), recon_weight=args.recon_weight, zero_weight=args.zero_weight,
+        adv_weight=args.adv_weight, clip=args.clip, seed=args.seed, device=args.device, amp=args.amp,
+        log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
+        save_dtype=args.save_dtype, num_workers=args.num_workers, resume=args.resume, progress=args.progress,
+        model_overrides=overrides,
+    )
+    for name in ("steps", "batch_size", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    card = train(cfg, build_source(args))
+    logging.getLogger("did").info("wrote %s", card)
+    return 0
+
+
+def run_preview(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.images import save_grid
+
+    from .synthetic import render_domain
+
+    per_domain = max(1, args.n // 2)
+    idx = torch.arange(per_domain)
+    images = torch.cat([render_domain(args.pair, dom, idx, size=args.image_size, seed=args.seed) for dom in ("a", "b")])
+    path = save_grid(images, args.out, nrow=per_domain)
+    print(f"wrote {path}: top row(s) domain a, then domain b of {args.pair} ({per_domain} each, {args.image_size} px)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="did", description="Domain intersection and domain difference: train, preview data, serve.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (same flags as `python -m training`, which torchrun launches)")
+    add_train_arguments(t)
+    t.set_defaults(func=run_train)
+
+    data = sub.add_parser("data", help="look at training data").add_subparsers(dest="data_command", required=True)
+    pv = data.add_parser("preview", help="render synthetic benchmark samples into one PNG grid")
+    pv.add_argument("--pair", default="smile_glasses")
+    pv.add_argument("--n", type=int, default=16, help="images in all, half per domain")
+    pv.add_argument("--image-size", type=int, default=128)
+    pv.add_argument("--seed", type=int, default=0)
+    pv.add_argument("--out", type=Path, default=Path("preview.png"))
+    pv.set_defaults(func=run_preview)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:  # user mistakes: one line, no traceback
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"did: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("did: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""The training loop: one process, or one process per GPU/CPU under torchrun (DistributedDataParallel).
+
+Each step: (1) the latent discriminator learns to tell E_c(a) from E_c(b); (2) the encoders and decoder minimise
+recon_weight * (recon_a + recon_b) + zero_weight * zero + adv_weight * adversarial. Rank 0 writes everything:
+`log.jsonl`, sample grids, the inference checkpoint (`model.safetensors` + `model.json`) and `train_state.pt`,
+from which `--resume` continues exactly (data batches are a pure function of the step, so nothing is replayed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from models import checkpoint
+from models.config import ModelConfig, preset
+from models.disentangler import Codes, Disentangler
+from models.images import save_grid
+from models.networks import LatentDiscriminator
+
+from . import losses
+from .data import PairSource
+from .figures import training_sample
+
+log = logging.getLogger("did.train")
+
+STATE_FILE = "train_state.pt"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; the published defaults (Benaim et al.) unless noted."""
+
+    out: str = "runs/did"
+    steps: int = 100_000
+    batch_size: int = 32  # per process, per domain
+    width: str = "paper"  # models.config.PRESETS
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    recon_weight: float = 1.0
+    zero_weight: float = 1.0
+    adv_weight: float = 0.001
+    clip: float = 5.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    log_every: int = 50
+    sample_every: int = 1000
+    checkpoint_every: int = 5000
+    save_dtype: str = "float32"
+    num_workers: int = 2
+    resume: bool = False
+    progress: bool = True
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"sep_channels": 32}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Dist:
+    """This process's place in the job (world_size 1 without torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_arg: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun job if launched by one (NCCL on CUDA, gloo on CPU) and pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+    if device_arg.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but PyTorch sees no CUDA device")
+    d = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    if want_cuda:
+        device = torch.device("cuda", d.local_rank) if device_arg in ("auto", "cuda") else torch.device(device_arg)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local_world > 1:  # share the cores between the processes on this machine instead of oversubscribing
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return d, device
+
+
+class _Generator(nn.Module):
+    """The encoders and decoder as one forward pass, so DistributedDataParallel sees every parameter used.
+
+    Both domains go through each encoder and the decoder as one concatenated batch (every layer is per-sample, so
+    this equals two passes and runs faster)."""
+
+    def __init__(self, model: Disentangler):
+        super().__init__()
+        self.model = model
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[Codes, Codes, torch.Tensor, torch.Tensor]:
+        n = a.shape[0]
+        codes = self.model.encode(torch.cat([a, b]))
+        codes_a, codes_b = codes.index(slice(0, n)), codes.index(slice(n, None))
+        # Reconstruct a with its own separate code and b's code zeroed, and b the other way round.
+        zeros = torch.zeros_like(codes_a.sep_a)
+        recon = self.model.decode(codes.common, torch.cat([codes_a.sep_a, zeros]), torch.cat([zeros, codes_b.sep_b]))
+        return codes_a, codes_b, recon[:n], recon[n:]
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, DistributedDataParallel) else m
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _truncate_log(path: Path, after_step: int) -> None:
+    """Drop log lines written after the step we resume from, so the log reads as one uninterrupted run."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(cfg: TrainConfig, source: PairSource) -> Path:
+    """Run (or resume) training; returns the path of the final model card. Every rank calls this under torchrun."""
+    d, device = setup_distributed(cfg.device)
+    out = Path(cfg.out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + d.rank)
+
+    model_cfg = preset(
+        cfg.width, image_size=source.image_size, domain_a=source.domains[0], domain_b=source.domains[1], **cfg.model_overrides
+    )
+    model = Disentangler(model_cfg).to(device)
+    disc = LatentDiscriminator(model_cfg).to(device)
+    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)
+
+    step = 0
+    state_path = out / STATE_FILE
+    if cfg.resume:
+        if not state_path.exists():
+            raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out}")
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        saved_cfg = ModelConfig.from_dict(state["model_config"])
+        if saved_cfg != model_cfg:
+            raise ValueError(f"--resume: {state_path} was trained with {saved_cfg}, this run builds {model_cfg}")
+        model.load_state_dict(state["model"])
+        disc.load_state_dict(state["disc"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        step = int(state["step"])
+        torch.set_rng_state(state["rng_cpu"][d.rank % len(state["rng_cpu"])].cpu())
+        if device.type == "cuda" and state.get("rng_cuda"):
+            torch.cuda.set_rng_state(state["rng_cuda"][d.rank % len(state["rng_cuda"])].cpu())
+        if d.main:
+            _truncate_log(out / LOG_FILE, step)
+            log.info("resumed %s at step %d", out, step)
+
+    gen: nn.Module = _Generator(model)
+    disc_ddp: nn.Module = disc
+    if d.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        gen = DistributedDataParallel(gen, device_ids=ids)
+        disc_ddp = DistributedDataParallel(disc, device_ids=ids)
+    model.train()
+    disc.train()
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and cfg.amp) else nullcontext()
+    training_meta = {
+        "data": source.describe(),
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("out", "resume", "progress")},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "world_size": d.world_size,
+    }
+
+    def save_all(at_step: int) -> Path | None:
+        """Rank 0: the inference checkpoint, then the training state (each written atomically)."""
+        if not d.main:
+            return None
+        card = checkpoint.save(model, out / "model", training={**training_meta, "steps": at_step}, dtype=cfg.save_dtype)
+        rng_cpu = [torch.get_rng_state()]
+        rng_cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+        _atomic_torch_save(
+            {
+                "step": at_step,
+                "model_config": model_cfg.to_dict(),
+                "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()},
+                "model": model.state_dict(),
+                "disc": disc.state_dict(),
+                "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(),
+                "rng_cpu": rng_cpu,
+                "rng_cuda": rng_cuda,
+            },
+            state_path,
+        )
+        return card
+
+    # Fixed faces for the sample grids: the same ones at every sample step (from a seed of their own).
+    sample_a, sample_b = next(iter(source.batches(6, seed=cfg.seed + 1_000_003, device=device, num_workers=0)))
+
+    def write_sample(at_step: int) -> None:
+        if not d.main:
+            return
+        model.eval()
+        save_grid(training_sample(model, sample_a, sample_b)[None], out / "samples" / f"step_{at_step:07d}.png")
+        model.train()
+
+    data = source.batches(cfg.batch_size, seed=cfg.seed, start_step=step, rank=d.rank, world_size=d.world_size, device=device,
+                          num_workers=cfg.num_workers)
+    names = ("recon_a", "recon_b", "zero", "adv", "disc", "loss")
+    totals = torch.zeros(len(names), device=device)
+    window_steps, window_start = 0, time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (d.main and cfg.progress), unit="step", dynamic_ncols=True)
+    log_file = open(out / LOG_FILE, "a") if d.main else None
+    try:
+        while step < cfg.steps:
+            a, b = next(data)
+
+            # (1) the latent discriminator, on common codes that carry no gradient to the encoder.
+            with torch.no_grad(), autocast:
+                common = model.enc_common(torch.cat([a, b]))
+            with autocast:
+                logits = disc_ddp(common.float())
+                loss_d = losses.discriminator(logits[: a.shape[0]].float(), logits[a.shape[0] :].float())
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            nn.utils.clip_grad_norm_(disc.parameters(), cfg.clip)
+            opt_d.step()
+
+            # (2) encoders + decoder. The adversarial term reads the discriminator through detached copies of its
+            # parameters: gradients reach the encoder only, and DDP's hooks on the discriminator stay untouched.
+            with autocast:
+                codes_a, codes_b, recon_a, recon_b = gen(a, b)
+                terms = losses.generator_terms(codes_a, codes_b, recon_a.float(), recon_b.float(), a, b)
+                # eval(): reuse the spectral norm's power iteration of step (1) instead of advancing it again.
+                disc.eval()
+                frozen = {k: v.detach() for k, v in disc.named_parameters()}
+                adv_logits = functional_call(disc, frozen, (torch.cat([codes_a.common, codes_b.common]).float(),))
+                disc.train()
+                terms["adv"] = losses.adversarial(adv_logits[: a.shape[0]].float(), adv_logits[a.shape[0] :].float())
+                loss_g = (
+                    cfg.recon_weight * (terms["recon_a"] + terms["recon_b"])
+                    + cfg.zero_weight * terms["zero"]
+                    + cfg.adv_weight * terms["adv"]
+                )
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt_g.step()
+
+            step += 1
+            window_steps += 1
+            totals += torch.stack([terms["recon_a"], terms["recon_b"], terms["zero"], terms["adv"], loss_d, loss_g]).detach().float()
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                if d.world_size > 1:
+                    dist.all_reduce(totals)
+                    totals /= d.world_size
+                elapsed = time.perf_counter() - window_start
+                means = (totals / window_steps).tolist()
+                if any(not math.isfinite(v) for v in means):
+                    raise FloatingPointError(f"loss is not finite at step {step}: {dict(zip(names, means))}")
+                record = {"step": step, **{k: round(v, 6) for k, v in zip(names, means)}}
+                record["steps_per_s"] = round(window_steps / elapsed, 3)
+                record["images_per_s"] = round(window_steps * 2 * cfg.batch_size * d.world_size / elapsed, 1)
+                if log_file:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                bar.set_postfix(recon=f"{record['recon_a'] + record['recon_b']:.4f}", zero=f"{record['zero']:.4f}",
+                                disc=f"{record['disc']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+                totals.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                write_sample(step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save_all(step)
+        card = save_all(step)
+        write_sample(step)
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+    if d.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return card if card is not None else checkpoint.paths(out / "model")[0]

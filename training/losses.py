@@ -1,0 +1,46 @@
+"""The losses of Benaim et al. (ICCV 2019), one small function each, written to be checked against the paper.
+
+Notation: a, b are batches of the two domains; E_c, E_sA, E_sB the encoders; G the decoder; d the latent
+discriminator (logit that a common code came from domain a). L1 norms are means over all elements, so the loss
+weights do not depend on image or code size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from models.disentangler import Codes
+
+
+def reconstruction(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1(G(E_c(a), E_sA(a), 0), a) for domain a, and likewise G(E_c(b), 0, E_sB(b)) against b."""
+    return (recon - target).abs().mean()
+
+
+def zero(sep_a_of_b: torch.Tensor, sep_b_of_a: torch.Tensor) -> torch.Tensor:
+    """|E_sA(b)|_1 + |E_sB(a)|_1: a domain's separate encoder says nothing about the other domain's images."""
+    return sep_a_of_b.abs().mean() + sep_b_of_a.abs().mean()
+
+
+def discriminator(logit_a: torch.Tensor, logit_b: torch.Tensor) -> torch.Tensor:
+    """The latent discriminator's loss: call E_c(a) 'a' (label 1) and E_c(b) 'b' (label 0)."""
+    return F.binary_cross_entropy_with_logits(logit_a, torch.ones_like(logit_a)) + F.binary_cross_entropy_with_logits(
+        logit_b, torch.zeros_like(logit_b)
+    )
+
+
+def adversarial(logit_a: torch.Tensor, logit_b: torch.Tensor) -> torch.Tensor:
+    """The encoder's side of the common-space game: make d label both domains' common codes 'b' (label 0), as the
+    published code does, so nothing in E_c tells the domains apart."""
+    return F.binary_cross_entropy_with_logits(logit_a, torch.zeros_like(logit_a)) + F.binary_cross_entropy_with_logits(
+        logit_b, torch.zeros_like(logit_b)
+    )
+
+
+def generator_terms(codes_a: Codes, codes_b: Codes, recon_a: torch.Tensor, recon_b: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The unweighted non-adversarial terms of one step, by name (for logging and for the weighted sum)."""
+    return {
+        "recon_a": reconstruction(recon_a, a),
+        "recon_b": reconstruction(recon_b, b),
+        "zero": zero(codes_b.sep_a, codes_a.sep_b),
+    }
