@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -95,7 +96,8 @@ def run_train(args: argparse.Namespace) -> int:
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     card = train(cfg, build_source(args))
-    logging.getLogger("did").info("wrote %s", card)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes, so only it reports
+        logging.getLogger("did").info("wrote %s", card)
     return 0
 
 
@@ -130,7 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--seed", type=int, default=0)
     pv.add_argument("--out", type=Path, default=Path("preview.png"))
     pv.set_defaults(func=run_preview)
+
+    sv = sub.add_parser("serve", help="serve every checkpoint of a weights directory over HTTP (other settings: DID_* variables)")
+    sv.add_argument("--host", help="bind address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="TCP port (default 8000)")
+    sv.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
+    sv.add_argument("--weights", type=Path, help="directory of checkpoints to load (default weights)")
+    sv.add_argument("--device", help="auto (CUDA when present), cuda, cuda:N or cpu")
+    sv.set_defaults(func=run_serve)
     return p
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from app.cli import serve  # the service's dependencies load only for `did serve`
+
+    return serve(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -124,10 +124,6 @@ class _Generator(nn.Module):
         return codes_a, codes_b, recon[:n], recon[n:]
 
 
-def _unwrap(m: nn.Module) -> nn.Module:
-    return m.module if isinstance(m, DistributedDataParallel) else m
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -142,6 +138,79 @@ def _truncate_log(path: Path, after_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+METRICS = ("recon_a", "recon_b", "zero", "adv", "disc", "loss")
+
+
+class Trainer:
+    """The nets, their optimisers and one training step; `train()` adds data, logging and checkpoints around it,
+    and the training benchmark times `step` alone."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, world_size: int = 1):
+        self.cfg, self.device = cfg, device
+        self.model = Disentangler(model_cfg).to(device).train()
+        self.disc = LatentDiscriminator(model_cfg).to(device).train()
+        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=cfg.betas)
+        self.gen: nn.Module = _Generator(self.model)
+        self.disc_ddp: nn.Module = self.disc
+        if world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.gen = DistributedDataParallel(self.gen, device_ids=ids)
+            self.disc_ddp = DistributedDataParallel(self.disc, device_ids=ids)
+        use_amp = device.type == "cuda" and cfg.amp
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
+
+    def step(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """One step on a batch of each domain; returns the METRICS as one detached tensor (no host sync)."""
+        cfg, n = self.cfg, a.shape[0]
+        with self.autocast():
+            codes_a, codes_b, recon_a, recon_b = self.gen(a, b)
+        terms = losses.generator_terms(codes_a, codes_b, recon_a.float(), recon_b.float(), a, b)
+        common = torch.cat([codes_a.common, codes_b.common]).float()
+
+        # (1) the latent discriminator learns to tell E_c(a) from E_c(b), on codes detached from the encoder.
+        logits = self.disc_ddp(common.detach())
+        loss_d = losses.discriminator(logits[:n], logits[n:])
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.clip)
+        self.opt_d.step()
+
+        # (2) encoders + decoder. The adversarial term reads the updated discriminator through detached copies of
+        # its parameters, so gradients reach the encoder only and DDP's hooks on the discriminator stay untouched;
+        # eval() reuses the spectral norm's power iteration of (1) instead of advancing it again.
+        self.disc.eval()
+        adv_logits = functional_call(self.disc, {k: v.detach() for k, v in self.disc.named_parameters()}, (common,))
+        self.disc.train()
+        terms["adv"] = losses.adversarial(adv_logits[:n], adv_logits[n:])
+        loss_g = (
+            cfg.recon_weight * (terms["recon_a"] + terms["recon_b"])
+            + cfg.zero_weight * terms["zero"]
+            + cfg.adv_weight * terms["adv"]
+        )
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        self.opt_g.step()
+        return torch.stack([terms["recon_a"], terms["recon_b"], terms["zero"], terms["adv"], loss_d, loss_g]).detach().float()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "disc": self.disc.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.disc.load_state_dict(state["disc"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+
+
+def build_model_config(cfg: TrainConfig, source: PairSource) -> ModelConfig:
+    """The nets a run trains: the width preset at the data's size, named after the data's domains."""
+    return preset(cfg.width, image_size=source.image_size, domain_a=source.domains[0], domain_b=source.domains[1],
+                  **cfg.model_overrides)
+
+
 def train(cfg: TrainConfig, source: PairSource) -> Path:
     """Run (or resume) training; returns the path of the final model card. Every rank calls this under torchrun."""
     d, device = setup_distributed(cfg.device)
@@ -150,13 +219,9 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + d.rank)
 
-    model_cfg = preset(
-        cfg.width, image_size=source.image_size, domain_a=source.domains[0], domain_b=source.domains[1], **cfg.model_overrides
-    )
-    model = Disentangler(model_cfg).to(device)
-    disc = LatentDiscriminator(model_cfg).to(device)
-    opt_g = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=cfg.betas)
+    model_cfg = build_model_config(cfg, source)
+    trainer = Trainer(cfg, model_cfg, device, d.world_size)
+    model = trainer.model
 
     step = 0
     state_path = out / STATE_FILE
@@ -167,10 +232,7 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
         saved_cfg = ModelConfig.from_dict(state["model_config"])
         if saved_cfg != model_cfg:
             raise ValueError(f"--resume: {state_path} was trained with {saved_cfg}, this run builds {model_cfg}")
-        model.load_state_dict(state["model"])
-        disc.load_state_dict(state["disc"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
+        trainer.load_state_dict(state)
         step = int(state["step"])
         torch.set_rng_state(state["rng_cpu"][d.rank % len(state["rng_cpu"])].cpu())
         if device.type == "cuda" and state.get("rng_cuda"):
@@ -179,16 +241,6 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
             _truncate_log(out / LOG_FILE, step)
             log.info("resumed %s at step %d", out, step)
 
-    gen: nn.Module = _Generator(model)
-    disc_ddp: nn.Module = disc
-    if d.world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        gen = DistributedDataParallel(gen, device_ids=ids)
-        disc_ddp = DistributedDataParallel(disc, device_ids=ids)
-    model.train()
-    disc.train()
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and cfg.amp) else nullcontext()
     training_meta = {
         "data": source.describe(),
         "config": {k: v for k, v in cfg.to_dict().items() if k not in ("out", "resume", "progress")},
@@ -208,10 +260,7 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
                 "step": at_step,
                 "model_config": model_cfg.to_dict(),
                 "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()},
-                "model": model.state_dict(),
-                "disc": disc.state_dict(),
-                "opt_g": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict(),
+                **trainer.state_dict(),
                 "rng_cpu": rng_cpu,
                 "rng_cuda": rng_cuda,
             },
@@ -231,50 +280,17 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
 
     data = source.batches(cfg.batch_size, seed=cfg.seed, start_step=step, rank=d.rank, world_size=d.world_size, device=device,
                           num_workers=cfg.num_workers)
-    names = ("recon_a", "recon_b", "zero", "adv", "disc", "loss")
-    totals = torch.zeros(len(names), device=device)
+    totals = torch.zeros(len(METRICS), device=device)
     window_steps, window_start = 0, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (d.main and cfg.progress), unit="step", dynamic_ncols=True)
     log_file = open(out / LOG_FILE, "a") if d.main else None
     try:
         while step < cfg.steps:
             a, b = next(data)
-
-            # (1) the latent discriminator, on common codes that carry no gradient to the encoder.
-            with torch.no_grad(), autocast:
-                common = model.enc_common(torch.cat([a, b]))
-            with autocast:
-                logits = disc_ddp(common.float())
-                loss_d = losses.discriminator(logits[: a.shape[0]].float(), logits[a.shape[0] :].float())
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            nn.utils.clip_grad_norm_(disc.parameters(), cfg.clip)
-            opt_d.step()
-
-            # (2) encoders + decoder. The adversarial term reads the discriminator through detached copies of its
-            # parameters: gradients reach the encoder only, and DDP's hooks on the discriminator stay untouched.
-            with autocast:
-                codes_a, codes_b, recon_a, recon_b = gen(a, b)
-                terms = losses.generator_terms(codes_a, codes_b, recon_a.float(), recon_b.float(), a, b)
-                # eval(): reuse the spectral norm's power iteration of step (1) instead of advancing it again.
-                disc.eval()
-                frozen = {k: v.detach() for k, v in disc.named_parameters()}
-                adv_logits = functional_call(disc, frozen, (torch.cat([codes_a.common, codes_b.common]).float(),))
-                disc.train()
-                terms["adv"] = losses.adversarial(adv_logits[: a.shape[0]].float(), adv_logits[a.shape[0] :].float())
-                loss_g = (
-                    cfg.recon_weight * (terms["recon_a"] + terms["recon_b"])
-                    + cfg.zero_weight * terms["zero"]
-                    + cfg.adv_weight * terms["adv"]
-                )
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt_g.step()
-
+            metrics = trainer.step(a, b)
             step += 1
             window_steps += 1
-            totals += torch.stack([terms["recon_a"], terms["recon_b"], terms["zero"], terms["adv"], loss_d, loss_g]).detach().float()
+            totals += metrics
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -284,8 +300,8 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
                 elapsed = time.perf_counter() - window_start
                 means = (totals / window_steps).tolist()
                 if any(not math.isfinite(v) for v in means):
-                    raise FloatingPointError(f"loss is not finite at step {step}: {dict(zip(names, means))}")
-                record = {"step": step, **{k: round(v, 6) for k, v in zip(names, means)}}
+                    raise FloatingPointError(f"loss is not finite at step {step}: {dict(zip(METRICS, means))}")
+                record = {"step": step, **{k: round(v, 6) for k, v in zip(METRICS, means)}}
                 record["steps_per_s"] = round(window_steps / elapsed, 3)
                 record["images_per_s"] = round(window_steps * 2 * cfg.batch_size * d.world_size / elapsed, 1)
                 if log_file:
@@ -295,10 +311,12 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
                                 disc=f"{record['disc']:.3f}", img_s=f"{record['images_per_s']:.0f}")
                 totals.zero_()
                 window_steps, window_start = 0, time.perf_counter()
+            paused = time.perf_counter()
             if cfg.sample_every and step % cfg.sample_every == 0:
                 write_sample(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save_all(step)
+            window_start += time.perf_counter() - paused  # images/s counts training, not sample or checkpoint writing
         card = save_all(step)
         write_sample(step)
     finally:

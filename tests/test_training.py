@@ -1,0 +1,94 @@
+"""The training module end to end: the `did train` command, exact resume, and a 2-process torchrun (gloo) job."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import load, read_card
+from training.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_did_train_lowers_reconstruction_and_writes_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    rc = main(["train", "--data", "synthetic", "--pair", "smile_glasses", "--image-size", "64", "--batch-size", "16",
+               "--steps", "40", "--width", "slim", "--log-every", "10", "--sample-every", "20", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    log = _log(out)
+    assert [r["step"] for r in log] == [10, 20, 30, 40]
+    assert {"step", "recon_a", "recon_b", "zero", "adv", "disc", "images_per_s"} <= set(log[0])
+    first, last = log[0]["recon_a"] + log[0]["recon_b"], log[-1]["recon_a"] + log[-1]["recon_b"]
+    assert last < 0.8 * first, (first, last)
+    model = load(out)
+    card = read_card(out / "model.json")
+    assert card["domains"] == {"a": "smile", "b": "glasses"}
+    assert card["training"]["steps"] == 40 and card["training"]["data"]["kind"] == "synthetic"
+    assert model.config.image_size == 64
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000020.png", "step_0000040.png"]
+    assert (out / "train_state.pt").exists()
+
+
+def _tiny(out: Path, steps: int, *extra: str) -> list[str]:
+    return ["train", "--image-size", "64", "--batch-size", "4", "--steps", str(steps), "--width", "tiny", "--log-every", "1",
+            "--sample-every", "0", "--checkpoint-every", "0", "--out", str(out), "--no-progress", *extra]
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(_tiny(straight, 6)) == 0
+    assert main(_tiny(split, 3)) == 0
+    assert main(_tiny(split, 6, "--resume")) == 0
+    a = torch.load(straight / "train_state.pt", weights_only=True)
+    b = torch.load(split / "train_state.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], msg=key)
+    assert [r["step"] for r in _log(split)] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(_log(straight), _log(split)):
+        assert x["recon_a"] == pytest.approx(y["recon_a"], rel=1e-5)
+
+
+def test_resume_without_state_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(_tiny(tmp_path / "none", 2, "--resume")) == 2
+    assert "no train_state.pt" in capsys.readouterr().err
+
+
+def test_bad_arguments_are_one_line_errors(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    assert main(["train", "--data", "celeba", "--out", str(tmp_path)]) == 2
+    assert "--root" in capsys.readouterr().err
+    assert main(["train", "--data", "synthetic", "--image-size", "100", "--out", str(tmp_path)]) == 2
+    assert "power of two" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "training", "--data", "synthetic", "--image-size", "64", "--batch-size", "4", "--steps", "6",
+           "--width", "tiny", "--device", "cpu", "--log-every", "3", "--sample-every", "0", "--out", str(out), "--no-progress"]
+    # A session of its own, so a hung job is killed with all its workers, not just the launcher.
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 240 s: {err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    card = read_card(out / "model.json")
+    assert card["training"]["world_size"] == 2 and card["training"]["steps"] == 6
+    assert [r["step"] for r in _log(out)] == [3, 6]
+    assert sorted(p.name for p in out.glob("*.json")) == ["model.json"]
+    load(out)
