@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test clean
 
 $(BIN)/did: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

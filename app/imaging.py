@@ -1,0 +1,186 @@
+"""The one place where the service turns uploads into model input and model output into answers.
+
+Uploads: read in chunks up to a byte cap (413), opened with a fixed set of decoders, refused above a pixel cap
+before any pixel is decoded (decompression bombs: 413), EXIF orientation applied, first frame of animations, any
+mode made RGB and any size fitted to the model by `models.images`. Anything Pillow cannot decode is a 415.
+Outputs: PNG (default), JPEG, WebP, a JSON envelope with base64 PNG; strips and GIF/WebP animations for paths.
+
+Decoding and encoding are blocking Pillow calls; `load_images` and the `*_async` helpers run them in the event
+loop's default thread pool (Pillow releases the GIL while it codes), so the event loop only moves bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from fastapi import UploadFile
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from models.images import Fit, fit, grid, to_pil, to_tensor
+
+from .errors import TooLarge, UnsupportedImage
+
+Format = Literal["png", "jpeg", "webp", "json"]
+PathFormat = Literal["png", "jpeg", "webp", "gif", "json"]
+
+# Decoders we let near client bytes; everything else is refused as 415 without trying it.
+Image.init()
+DECODERS = tuple(f for f in ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF", "PPM") if f in Image.OPEN)
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "gif": "image/gif", "json": "application/json"}
+_BY_MEDIA_TYPE = {v: k for k, v in MEDIA_TYPES.items()} | {"image/jpg": "jpeg"}
+CHUNK = 1 << 16
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey half-image
+# The pixel cap below is ours (a 413 before decoding); Pillow's own warning at 89 M pixels would only add noise.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+# --- uploads ------------------------------------------------------------------------------------------------------
+
+
+async def read_upload(upload: UploadFile, field: str, max_bytes: int) -> bytes:
+    """The upload's bytes, reading at most `max_bytes` + 1 of them: 413 above the cap, 415 when empty."""
+    if upload.size is not None and upload.size > max_bytes:
+        raise TooLarge(f"'{field}' is {upload.size} bytes; the limit is {max_bytes}")
+    parts, total = [], 0
+    while chunk := await upload.read(CHUNK):
+        total += len(chunk)
+        if total > max_bytes:
+            raise TooLarge(f"'{field}' is larger than the limit of {max_bytes} bytes")
+        parts.append(chunk)
+    if not total:
+        raise UnsupportedImage(f"'{field}' is empty")
+    return b"".join(parts)
+
+
+def decode(data: bytes, field: str, size: int, mode: Fit = "crop", max_pixels: int = 40_000_000) -> torch.Tensor:
+    """Encoded image bytes -> (3, size, size) float tensor in [-1, 1]."""
+    try:
+        img = Image.open(io.BytesIO(data), formats=DECODERS)
+    except Image.DecompressionBombError as e:
+        raise TooLarge(f"'{field}': {e}") from None
+    except UnidentifiedImageError:
+        raise UnsupportedImage(f"'{field}' is not an image this service decodes ({', '.join(DECODERS)})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UnsupportedImage(f"'{field}' is not a readable image: {e}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise TooLarge(f"'{field}' is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+    if w < 1 or h < 1:
+        raise UnsupportedImage(f"'{field}' has no pixels")
+    try:
+        img.draft(None, (size, size))  # JPEG: let the decoder scale down by 2/4/8 while it decodes
+        img.load()  # the first frame of an animation
+        try:
+            ImageOps.exif_transpose(img, in_place=True)
+        except Exception:  # malformed EXIF: keep the pixels as stored rather than refuse the image
+            pass
+        return to_tensor(fit(img, size, mode))
+    except Image.DecompressionBombError as e:
+        raise TooLarge(f"'{field}': {e}") from None
+    except Exception as e:  # Pillow raises a zoo of types on malformed data; all of it is the client's file
+        raise UnsupportedImage(f"'{field}' could not be decoded: {type(e).__name__}: {e}") from None
+
+
+async def load_images(uploads: Sequence[tuple[str, UploadFile]], size: int, mode: Fit, max_bytes: int, max_pixels: int) -> torch.Tensor:
+    """Named uploads -> (N, 3, size, size); all decoded in one worker-thread hop."""
+    blobs = [(name, await read_upload(up, name, max_bytes)) for name, up in uploads]
+
+    def work() -> torch.Tensor:
+        return torch.stack([decode(data, name, size, mode, max_pixels) for name, data in blobs])
+
+    return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+# --- answers ------------------------------------------------------------------------------------------------------
+
+
+def negotiate(explicit: str | None, accept: str | None, allowed: Sequence[str], default: str = "png") -> str:
+    """The answer's format: `format=` when given, else the first allowed type of the Accept header by quality."""
+    if explicit:
+        return explicit
+    if not accept:
+        return default
+    ranked = []
+    for i, part in enumerate(accept.split(",")):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for p in params:
+            if p.startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        ranked.append((-q, i, media.lower()))
+    for negq, _, media in sorted(ranked):
+        if negq == 0:
+            break
+        if media in ("*/*", "image/*"):
+            return default
+        fmt = _BY_MEDIA_TYPE.get(media)
+        if fmt in allowed:
+            return fmt
+    return default
+
+
+@dataclass(frozen=True)
+class Encoded:
+    body: bytes
+    media_type: str
+    width: int
+    height: int
+
+
+def _resize(img: Image.Image, size: int | None) -> Image.Image:
+    if size is None or img.height == size:
+        return img
+    return img.resize((round(img.width * size / img.height), size), Image.Resampling.LANCZOS)
+
+
+def _save(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, "PNG", compress_level=3)
+    elif fmt == "jpeg":
+        img.save(buf, "JPEG", quality=90)
+    elif fmt == "webp":
+        img.save(buf, "WEBP", quality=90)
+    else:
+        raise ValueError(f"unknown still format {fmt!r}")
+    return buf.getvalue()
+
+
+def encode(image: torch.Tensor, fmt: str, size: int | None = None) -> Encoded:
+    """One (3, H, W) image in [-1, 1] -> bytes; json answers carry a PNG. `size` scales the height (and width alike)."""
+    img = _resize(to_pil(image), size)
+    still = "png" if fmt == "json" else fmt
+    return Encoded(_save(img, still), MEDIA_TYPES[still], img.width, img.height)
+
+
+def encode_path(frames: torch.Tensor, fmt: str, size: int | None = None, frame_ms: int = 120) -> Encoded:
+    """(T, 3, S, S) frames -> a strip (png/jpeg/json: frames side by side) or an animation (gif/webp, looping)."""
+    if fmt in ("gif", "webp"):
+        pics = [_resize(to_pil(f), size) for f in frames]
+        buf = io.BytesIO()
+        kw = {"optimize": False} if fmt == "gif" else {"quality": 90, "lossless": False}
+        pics[0].save(buf, fmt.upper(), save_all=True, append_images=pics[1:], duration=frame_ms, loop=0, **kw)
+        return Encoded(buf.getvalue(), MEDIA_TYPES[fmt], pics[0].width, pics[0].height)
+    strip = grid(frames, nrow=frames.shape[0], pad=0)
+    return encode(strip, fmt, size)
+
+
+async def encode_async(image: torch.Tensor, fmt: str, size: int | None = None) -> Encoded:
+    return await asyncio.get_running_loop().run_in_executor(None, encode, image, fmt, size)
+
+
+async def encode_path_async(frames: torch.Tensor, fmt: str, size: int | None = None) -> Encoded:
+    return await asyncio.get_running_loop().run_in_executor(None, encode_path, frames, fmt, size)
+
+
+def as_json(enc: Encoded) -> dict[str, object]:
+    return {"image": base64.b64encode(enc.body).decode("ascii"), "media_type": enc.media_type, "width": enc.width, "height": enc.height}

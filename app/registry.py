@@ -1,0 +1,133 @@
+"""The models the service answers with: every checkpoint of the weights directory, loaded by the core's loader,
+prepared for inference, each with its own batcher."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.utils import parametrize
+
+import models
+from models import CheckpointError, Disentangler
+
+from .batcher import Batcher
+from .errors import UnknownModel
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("did.app")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def bake_spectral_norm(model: Disentangler) -> Disentangler:
+    """Replace each spectral-norm parametrisation by the weight it yields in eval mode (W / sigma), so inference
+    stops recomputing sigma for every layer on every call. Outputs are unchanged; the model must be in eval mode
+    (in training mode the parametrisation would run a power iteration first)."""
+    assert not model.training
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model: Disentangler
+    card: dict[str, Any]
+    batcher: Batcher | None = field(default=None, repr=False)
+
+    @property
+    def config(self) -> models.ModelConfig:
+        return self.model.config
+
+    @property
+    def domains(self) -> tuple[str, str]:
+        return self.config.domain_a, self.config.domain_b
+
+
+class Registry:
+    """Name -> LoadedModel; `load` raises CheckpointError naming the file and the reason."""
+
+    def __init__(self, entries: list[LoadedModel], default: str, device: torch.device, dtype: torch.dtype):
+        self.entries = {e.name: e for e in entries}
+        self.default, self.device, self.dtype = default, device, dtype
+        self.ready = False
+
+    @classmethod
+    def load(cls, settings: Settings) -> "Registry":
+        weights = Path(settings.weights)
+        if not weights.is_dir():
+            raise CheckpointError(f"{weights}: weights directory not found")
+        cards = sorted(weights.glob("*.json"))
+        if not cards:
+            raise CheckpointError(f"{weights}: no checkpoints (NAME.json + NAME.safetensors) in the weights directory")
+        device = resolve_device(settings.device)
+        dtype = DTYPES[settings.dtype]
+        if device.type != "cuda" and dtype != torch.float32:
+            log.warning("DID_DTYPE=%s applies on CUDA only; computing in float32 on %s", settings.dtype, device)
+            dtype = torch.float32
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        entries = []
+        for card in cards:
+            start = time.perf_counter()
+            model = models.load(card, device=device, dtype=dtype)
+            bake_spectral_norm(model)
+            entries.append(LoadedModel(card.stem, card, model, model.card))
+            log.info("loaded %s (%s/%s, %d px) on %s in %.2fs", card.name, model.config.domain_a, model.config.domain_b,
+                     model.config.image_size, device, time.perf_counter() - start)
+        names = [e.name for e in entries]
+        default = settings.default_model or names[0]
+        if default not in names:
+            raise CheckpointError(f"{weights}: default model {default!r} is not among the checkpoints {names}")
+        return cls(entries, default, device, dtype)
+
+    def start(self, settings: Settings, metrics: Metrics | None) -> None:
+        """One batcher per model (needs the running event loop)."""
+        for e in self.entries.values():
+            e.batcher = Batcher(e.name, e.model, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                                queue_size=settings.queue_size, metrics=metrics, dtype=self.dtype,
+                                in_flight=(lambda: metrics.active) if metrics else None)
+            e.batcher.start()
+        if metrics:
+            metrics.models.set(len(self.entries))
+
+    async def warmup(self, rows: int) -> None:
+        """One batch of `rows` images through encode and decode of every model (allocations, kernels, caches)."""
+        for e in self.entries.values():
+            assert e.batcher is not None
+            start = time.perf_counter()
+            s = e.config.image_size
+            codes = await e.batcher.encode(torch.zeros(rows, 3, s, s))
+            await e.batcher.decode(codes)
+            log.info("warmed up %s with a batch of %d in %.2fs", e.name, rows, time.perf_counter() - start)
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        for e in self.entries.values():
+            if e.batcher is not None:
+                await e.batcher.stop()
+
+    def get(self, name: str | None) -> LoadedModel:
+        key = name or self.default
+        try:
+            return self.entries[key]
+        except KeyError:
+            raise UnknownModel(f"unknown model {key!r}; loaded: {', '.join(self.entries)}") from None

@@ -1,0 +1,128 @@
+"""Request and response bodies (JSON) of the API, declared so the OpenAPI document is exact."""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.images import Fit
+
+from .imaging import Format
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# One code given inline: a latent id, "zero", or the code's numbers in (C, 2, 2) row-major order.
+CodeSource = Annotated[
+    Annotated[str, Field(max_length=128)] | Annotated[list[FiniteFloat], Field(max_length=65536)] | None,
+    Field(description='a latent id (that latent\'s code of the same name), "zero" or null (all zeros), or the code\'s '
+          "numbers flattened from (C, 2, 2); their count per code is in GET /models"),
+]
+
+
+class Domains(BaseModel):
+    a: str
+    b: str
+
+
+class CodeSizes(BaseModel):
+    """Numbers in each code (channels x 2 x 2)."""
+
+    common: int
+    sep_a: int
+    sep_b: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    image_size: int
+    domains: Domains
+    variant: str
+    code_sizes: CodeSizes
+    default: bool
+    card: dict[str, Any] = Field(description="the checkpoint's model card (config, training, metrics, versions, sha256)")
+
+
+class ModelsResponse(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    models: list[str]
+    device: str
+
+
+class Latents(BaseModel):
+    """The three codes of an image, flattened from (C, 2, 2)."""
+
+    common: list[float]
+    sep_a: list[float]
+    sep_b: list[float]
+
+
+class EncodeResponse(BaseModel):
+    id: str = Field(description="latent id for /decode and /interpolate")
+    model: str
+    expires_in: int = Field(description="seconds the id stays valid")
+    domain_scores: dict[str, float] = Field(description="mean |separate code| per domain name; the larger names the domain")
+    detected_domain: str
+    detected: str = Field(description="'a' or 'b'")
+    latents: Latents | None = None
+
+
+class DecodeRequest(BaseModel):
+    model: str | None = Field(None, description="default: the latents' model, else the service's default model")
+    common: CodeSource = None
+    sep_a: CodeSource = None
+    sep_b: CodeSource = None
+
+
+class ImageJSON(BaseModel):
+    """An image answered as JSON (format=json or Accept: application/json)."""
+
+    image: str = Field(description="base64 of the encoded image")
+    media_type: str
+    width: int
+    height: int
+    model: str
+    meta: dict[str, str] = Field(default_factory=dict, description="the same facts as the X-* headers, e.g. detected_domain")
+
+
+# --- multipart form bodies --------------------------------------------------------------------------------------
+
+
+class _Form(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422, not silently ignored
+
+    model: str | None = Field(None, max_length=128, description="checkpoint name (GET /models); default: the service's default model")
+    fit: Fit = Field("crop", description="how an upload becomes square: crop (default) keeps the central square, pad letterboxes it")
+
+
+class _ImageAnswerForm(_Form):
+    format: Format | None = Field(None, description="png (default), jpeg, webp or json (base64 PNG + metadata); else the Accept header decides")
+    size: int | None = Field(None, ge=16, description="answer at this many pixels per side (default: the model's resolution)")
+
+
+class TransferForm(_ImageAnswerForm):
+    content: UploadFile = Field(description="the image whose face (common code) is kept")
+    guide: UploadFile | None = Field(None, description="the image whose attribute is added")
+    guide_a: UploadFile | None = Field(None, description="intersection form: domain a's attribute from this image (with guide_b)")
+    guide_b: UploadFile | None = Field(None, description="intersection form: domain b's attribute from this image (with guide_a)")
+    target: str | None = Field(None, max_length=128, description="a, b or a domain's name; default: detected from the guide's separate codes")
+    strength: float = Field(1.0, ge=0, le=2, description="scales the added code")
+    keep: bool = Field(False, description="keep the content's own attribute of the other domain instead of removing it")
+
+
+class RemoveForm(_ImageAnswerForm):
+    image: UploadFile = Field(description="the image to edit")
+    attribute: str = Field("auto", max_length=128, description="a, b, a domain's name, both, or auto (the domain detected from the image)")
+
+
+class EncodeForm(_Form):
+    image: UploadFile = Field(description="the image to encode")
+    include_latents: bool = Field(False, description="also return the three codes as numbers")

@@ -1,0 +1,271 @@
+"""HTTP load on POST /transfer: the batched service against the same service configured naively.
+
+    python -m bench.http_load [--weights DIR] [--concurrency 1 4 16] [--requests 400] [--seconds 20]
+
+Starts `did serve` twice as real uvicorn processes on loopback, one with the batcher on (DID_MAX_BATCH=32,
+DID_MAX_WAIT_MS=5), one naive (DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0: one model call per request), both fp32 with one
+worker and otherwise default settings, and at each concurrency drives one right after the other with a closed loop
+of `concurrency` asyncio clients, each level bounded by --requests and --seconds. The clients are minimal keep-alive
+HTTP/1.1 connections by default; `--client httpx` uses httpx.AsyncClient, which costs about 4 ms of CPU per
+request on this class of machine (as much as the service's own work outside the model, taken from the same two
+cores). httpx checks the answers during the warm-up either way. Prints requests/s, p50 and p99 per level and
+writes the table to docs/benchmarks.md.
+Without --weights it uses a slim 64 px checkpoint from weights/ when one exists, else random slim 64 px weights.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from .report import table, write_section
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {
+    "batched": {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5"},
+    "naive": {"DID_MAX_BATCH": "1", "DID_MAX_WAIT_MS": "0"},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_weights(given: Path | None, tmp: Path) -> tuple[Path, str]:
+    """(directory holding one checkpoint, how it was chosen)."""
+    import models
+    from models.config import preset
+
+    if given is not None:
+        return given, f"{given} (given)"
+    slim = preset("slim", image_size=64)
+    for card_path in sorted((ROOT / "weights").glob("*.json")):
+        try:
+            card = models.read_card(card_path)
+        except models.CheckpointError:
+            continue
+        cfg = card["config"]
+        if cfg.get("image_size") == 64 and all(cfg.get(k) == getattr(slim, k) for k in ("base_width", "max_width", "code_channels", "sep_channels")):
+            out = tmp / "weights"
+            out.mkdir()
+            for src in models.checkpoint.paths(card_path):
+                (out / src.name).symlink_to(src)
+            return out, f"trained slim 64 px checkpoint weights/{card_path.name}"
+    import torch
+
+    torch.manual_seed(0)
+    out = tmp / "weights"
+    models.save(models.Disentangler(preset("slim", image_size=64, domain_a="smile", domain_b="glasses")), out / "slim64_random")
+    return out, "slim preset, 64 px, random weights (no trained slim 64 px checkpoint in weights/)"
+
+
+def face_pngs(size: int = 128) -> tuple[bytes, bytes]:
+    """A content and a guide image: synthetic benchmark faces when the renderer is there, else drawn ones."""
+    from PIL import Image, ImageDraw
+
+    try:
+        import torch
+
+        from models.images import to_pil
+        from training.synthetic import render_domain
+
+        imgs = [to_pil(render_domain("smile_glasses", dom, torch.tensor([3]), size=size)[0]) for dom in ("a", "b")]
+    except Exception:  # the renderer is optional here
+        imgs = []
+        for seed in (1, 5):
+            im = Image.new("RGB", (size, size), (40 + seed * 30, 90, 160))
+            ImageDraw.Draw(im).ellipse([size * .2, size * .15, size * .8, size * .9], fill=(230, 190 - seed * 7, 160))
+            imgs.append(im)
+    out = []
+    for im in imgs:
+        buf = io.BytesIO()
+        im.save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out[0], out[1]
+
+
+def multipart(fields: dict[str, bytes]) -> tuple[bytes, str]:
+    """One pre-encoded multipart body, sent as is by every request (the client's own cost stays small)."""
+    boundary = "did-bench-boundary-7c1e"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{k}.png"\r\nContent-Type: image/png\r\n\r\n'.encode() + v + b"\r\n"
+        for k, v in fields.items()
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class Server:
+    def __init__(self, weights: Path, env: dict[str, str], log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, **env, "DID_ACCESS_LOG": "false", "DID_LOG_LEVEL": "warning"}
+        cmd = [sys.executable, "-m", "training.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--weights", str(weights), "--workers", "1", "--device", "cpu"]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout}s; see {self.log.name}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+class RawClient:
+    """One keep-alive HTTP/1.1 connection sending one pre-built request: about a tenth of httpx's CPU per request,
+    which matters when the load generator shares two cores with the server it measures."""
+
+    def __init__(self, url: str, body: bytes, ctype: str):
+        host, port = url.removeprefix("http://").split(":")
+        self.addr = (host, int(port))
+        self.request = (f"POST /transfer HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {ctype}\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(*self.addr)
+        assert self.reader is not None
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def drive(url: str, body: bytes, ctype: str, concurrency: int, requests: int, seconds: float, client: str = "raw") -> dict[str, float]:
+    """Closed loop: `concurrency` clients each send the next request when their last one is answered."""
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as shared:
+
+        async def worker() -> None:
+            nonlocal issued, errors
+            raw = RawClient(url, body, ctype) if client == "raw" else None
+            try:
+                while issued < requests and time.perf_counter() < deadline:
+                    issued += 1
+                    t0 = time.perf_counter()
+                    try:
+                        if raw is not None:
+                            status, content = await raw.post()
+                        else:
+                            r = await shared.post("/transfer", content=body, headers={"content-type": ctype})
+                            status, content = r.status_code, r.content
+                        ok = status == 200 and content[:4] == b"\x89PNG"
+                    except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, StopIteration, ValueError):
+                        ok = False
+                    if ok:
+                        latencies.append(time.perf_counter() - t0)
+                    else:
+                        errors += 1
+            finally:
+                if raw is not None:
+                    await raw.close()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else float("nan")
+
+    return {"done": len(latencies), "errors": errors, "wall_s": wall, "rps": len(latencies) / wall, "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", type=Path, help="directory with one checkpoint (default: see above)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=400, help="most requests per level")
+    p.add_argument("--seconds", type=float, default=20.0, help="most seconds per level")
+    p.add_argument("--warmup", type=int, default=20, help="requests before each configuration is measured")
+    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["batched", "naive"])
+    p.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                   help="raw: minimal keep-alive HTTP/1.1 on asyncio streams (default); httpx: httpx.AsyncClient")
+    p.add_argument("--no-write", dest="write", action="store_false", help="print only; leave docs/benchmarks.md alone")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="did-http-bench-") as tmp:
+        weights, origin = pick_weights(args.weights, Path(tmp))
+        content, guide = face_pngs()
+        body, ctype = multipart({"content": content, "guide": guide})
+        results: dict[tuple[str, int], dict[str, float]] = {}
+        # Both servers run side by side (an idle one costs nothing) and every level measures one right after the
+        # other, so a change in the machine's background load hits both configurations alike.
+        servers = {name: Server(weights, CONFIGS[name], Path(tmp) / f"{name}.log") for name in args.configs}
+        try:
+            for name, server in servers.items():
+                server.wait_ready()
+                asyncio.run(drive(server.url, body, ctype, 4, args.warmup, 30, "httpx"))  # httpx checks the answers too
+            for c in args.concurrency:
+                for name, server in servers.items():
+                    r = asyncio.run(drive(server.url, body, ctype, c, args.requests, args.seconds, args.client))
+                    results[name, c] = r
+                    print(f"{name:8s} c={c:3d}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms"
+                          f"  ({r['done']} ok, {r['errors']} errors, {r['wall_s']:.1f} s)", flush=True)
+        finally:
+            for server in servers.values():
+                server.stop()
+
+    rows = []
+    for c in args.concurrency:
+        for name in args.configs:
+            r = results[name, c]
+            ratio = ""
+            if name == "batched" and ("naive", c) in results:
+                ratio = f"{r['rps'] / results['naive', c]['rps']:.2f}x"
+            rows.append([name, c, r["done"], r["errors"], f"{r['rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", ratio])
+    body_md = (
+        f"POST /transfer (content + guide PNG, {len(body) // 1024} KiB multipart), answered as PNG; one uvicorn worker, "
+        f"CPU, fp32; closed loop over loopback from the same machine ({args.client} client); at most {args.requests} requests or "
+        f"{args.seconds:g} s per level. Model: {origin}.\n"
+        "batched: DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5; naive: DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0 (one model call per request).\n\n"
+        + table(["config", "concurrency", "ok", "errors", "requests/s", "p50 ms", "p99 ms", "batched / naive"], rows)
+    )
+    print()
+    print(body_md)
+    if args.write:
+        print(f"\nwrote {write_section('http', 'HTTP service throughput', body_md)}")
+    print(json.dumps({f"{k[0]}@{k[1]}": v for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The dynamic batcher: batched answers equal unbatched ones, concurrent requests equal sequential ones, a full
+queue answers 503 with Retry-After, and a failing or abandoned job harms no other."""
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models
+from app.batcher import Batcher
+from app.errors import NotReady, Overloaded
+from app.main import create_app
+from app.metrics import Metrics
+from app.registry import bake_spectral_norm
+from app.settings import Settings
+
+from .conftest import draw_face, encode_image
+
+
+@pytest.fixture
+def tiny_model(service_weights):
+    return bake_spectral_norm(models.load(service_weights / "smile_glasses"))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_batched_equals_unbatched(tiny_model):
+    """Jobs of 1-3 images each, gathered into shared model calls, give each job what it gets alone."""
+    torch.manual_seed(0)
+    inputs = [torch.rand(n, 3, 64, 64) * 2 - 1 for n in (1, 2, 3, 1, 2, 1, 3, 2)]
+
+    async def go():
+        metrics = Metrics()
+        b = Batcher("m", tiny_model, max_batch=32, max_wait_ms=50, queue_size=64, metrics=metrics)
+        b.start()
+        try:
+            codes = await asyncio.gather(*(b.encode(x) for x in inputs))
+            images = await asyncio.gather(*(b.decode(c) for c in codes))
+        finally:
+            await b.stop()
+        return codes, images, metrics
+
+    codes, images, metrics = run(go())
+    enc = {s.name + s.labels.get("le", ""): s.value for m in metrics.batch_size.collect() for s in m.samples if s.labels["kind"] == "encode"}
+    assert enc["did_batch_size_sum"] == sum(len(x) for x in inputs)  # every image went through ...
+    assert enc["did_batch_size_count"] < len(inputs)  # ... in fewer model calls than jobs
+    with torch.inference_mode():
+        for x, c, img in zip(inputs, codes, images):
+            alone = tiny_model.encode(x)
+            for got, want in zip(c, alone):
+                assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+            assert torch.allclose(img, tiny_model.decode(*alone), atol=1e-5)
+
+
+def test_max_batch_splits_and_oversized_jobs_run_alone(tiny_model):
+    async def go():
+        metrics = Metrics()
+        b = Batcher("m", tiny_model, max_batch=4, max_wait_ms=20, queue_size=64, metrics=metrics)
+        b.start()
+        try:
+            outs = await asyncio.gather(*(b.encode(torch.zeros(n, 3, 64, 64)) for n in (3, 3, 6, 1)))
+        finally:
+            await b.stop()
+        return outs, metrics
+
+    outs, metrics = run(go())
+    assert [o.common.shape[0] for o in outs] == [3, 3, 6, 1]
+    samples = {s.name + s.labels.get("le", ""): s.value for m in metrics.batch_size.collect() for s in m.samples}
+    assert samples["did_batch_size_count"] >= 3 and samples["did_batch_size_sum"] == 13
+    assert samples["did_batch_size_bucket4.0"] == samples["did_batch_size_count"] - 1  # only the 6-image job exceeded 4
+
+
+def test_full_queue_is_overloaded_and_failures_stay_per_job(tiny_model):
+    async def go():
+        b = Batcher("m", tiny_model, max_batch=1, max_wait_ms=0, queue_size=1)
+        gate = threading.Event()
+        b.start()
+        try:
+            blocker = asyncio.ensure_future(b.call(lambda m: gate.wait(10)))
+            await asyncio.sleep(0.05)
+            first = asyncio.ensure_future(b.encode(torch.zeros(1, 3, 64, 64)))
+            await asyncio.sleep(0)
+            refused = None
+            try:
+                await b.encode(torch.zeros(1, 3, 64, 64))
+            except Overloaded as e:  # queue of one, already holding `first`
+                refused = e
+            gate.set()
+            await blocker
+            await first
+            failing = b.call(lambda m: 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                await failing
+            again = await b.encode(torch.zeros(2, 3, 64, 64))
+        finally:
+            await b.stop()
+        with pytest.raises(NotReady):
+            await b.encode(torch.zeros(1, 3, 64, 64))
+        return refused, again
+
+    refused, again = run(go())
+    assert isinstance(refused, Overloaded) and refused.status == 503 and refused.headers["Retry-After"] == "1"
+    assert again.common.shape[0] == 2
+
+
+def test_cancelled_requests_are_skipped(tiny_model):
+    async def go():
+        b = Batcher("m", tiny_model, max_batch=8, max_wait_ms=0, queue_size=8)
+        gate = threading.Event()
+        b.start()
+        try:
+            blocker = asyncio.ensure_future(b.call(lambda m: gate.wait(10)))
+            await asyncio.sleep(0.05)
+            gone = asyncio.ensure_future(b.encode(torch.zeros(1, 3, 64, 64)))
+            kept = asyncio.ensure_future(b.encode(torch.ones(1, 3, 64, 64)))
+            await asyncio.sleep(0)
+            gone.cancel()
+            gate.set()
+            await blocker
+            return await kept
+        finally:
+            await b.stop()
+
+    assert run(go()).common.shape[0] == 1
+
+
+# --- through the app ------------------------------------------------------------------------------------------------------
+
+
+def _multipart(i: int) -> dict:
+    return {"content": ("c.png", encode_image(draw_face(i, 80)), "image/png"),
+            "guide": ("g.png", encode_image(draw_face(i + 7, 72)), "image/png")}
+
+
+async def _with_app(settings: Settings, fn):
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as client:
+            return await fn(app, client)
+
+
+def test_concurrent_requests_equal_sequential_ones(service_weights):
+    n = 12
+
+    async def go(app, client):
+        sequential = [await client.post("/transfer", files=_multipart(i)) for i in range(n)]
+        concurrent = await asyncio.gather(*(client.post("/transfer", files=_multipart(i)) for i in range(n)))
+        text = (await client.get("/metrics")).text
+        return sequential, concurrent, text
+
+    sequential, concurrent, text = run(_with_app(Settings(weights=service_weights, max_batch=32, max_wait_ms=20), go))
+    for s, c in zip(sequential, concurrent):
+        assert s.status_code == c.status_code == 200
+        a = np.asarray(Image.open(io.BytesIO(s.content)), dtype=np.int16)
+        b = np.asarray(Image.open(io.BytesIO(c.content)), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1
+        assert s.headers["x-detected-domain"] == c.headers["x-detected-domain"]
+    # some model call served several requests at once
+    big = [line for line in text.splitlines() if line.startswith('did_batch_size_bucket{kind="encode",le="2.0"')]
+    total = [line for line in text.splitlines() if line.startswith('did_batch_size_count{kind="encode"')]
+    assert float(big[0].split()[-1]) < float(total[0].split()[-1])
+
+
+def test_full_queue_answers_503_with_retry_after(service_weights):
+    async def go(app, client):
+        batcher = app.state.registry.get(None).batcher
+        gate = threading.Event()
+        blocker = asyncio.ensure_future(batcher.call(lambda m: gate.wait(10)))
+        await asyncio.sleep(0.05)
+        first = asyncio.ensure_future(client.post("/transfer", files=_multipart(0)))  # its encode job fills the queue
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if batcher.depth:
+                break
+        refused = await client.post("/transfer", files=_multipart(1))
+        gate.set()
+        await blocker
+        return refused, await first, (await client.get("/metrics")).text
+
+    refused, first, text = run(_with_app(Settings(weights=service_weights, queue_size=1, max_batch=1, max_wait_ms=0), go))
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.headers["content-type"] == "application/problem+json" and refused.json()["type"].endswith("/overloaded")
+    assert first.status_code == 200
+    assert 'did_queue_rejected_total{model="smile_glasses"} 1.0' in text
+
+
+def test_edit_jobs_batch_and_fail_alone(tiny_model):
+    """encode -> recombine -> decode in one trip: batched edits equal the core's answer; a failing recombination
+    fails its own request only."""
+    torch.manual_seed(1)
+    xs = [torch.rand(2, 3, 64, 64) * 2 - 1 for _ in range(4)]
+
+    def swap(codes):  # row 0's common code with row 1's attributes
+        return tiny_model.transfer_codes(codes.index(slice(0, 1)), codes.index(slice(1, 2)), torch.tensor([1]), 1.0, False), "ok"
+
+    def broken(codes):
+        raise ValueError("bad recombination")
+
+    async def go():
+        metrics = Metrics()
+        b = Batcher("m", tiny_model, max_batch=32, max_wait_ms=50, queue_size=16, metrics=metrics)
+        b.start()
+        try:
+            return await asyncio.gather(*(b.edit(x, swap) for x in xs), b.edit(xs[0], broken), return_exceptions=True), metrics
+        finally:
+            await b.stop()
+
+    results, metrics = run(go())
+    assert isinstance(results[-1], ValueError)
+    calls = {s.labels["kind"]: s.value for m in metrics.batch_size.collect() for s in m.samples if s.name == "did_batch_size_count"}
+    assert calls["encode"] < len(xs)  # shared encode calls
+    with torch.inference_mode():
+        for x, (image, extra) in zip(xs, results[:-1]):
+            assert extra == "ok"
+            assert torch.allclose(image, tiny_model.transfer(x[:1], x[1:], target=1), atol=1e-5)
