@@ -115,6 +115,16 @@ def service(make_service):
     return make_service()
 
 
+def stop_process(proc: subprocess.Popen, grace_s: float) -> None:
+    """Ask a server started by a test to stop; kill it if it has not exited after `grace_s` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,8 +155,4 @@ def redis_url() -> Iterator[str]:
             time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, grace_s=5)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from training.cli import main as did
 
-from .conftest import draw_face, encode_image, free_port
+from .conftest import draw_face, encode_image, free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,12 +58,7 @@ def test_did_serve_answers_transfer_over_http(service_weights):
         assert r.headers["x-detected-domain"] in ("smile", "glasses")
         assert httpx.get(base + "/healthz").json() == {"status": "ok"}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace_s=15)
 
 
 @pytest.mark.slow

@@ -192,7 +192,8 @@ class Trainer:
         loss_g.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
         self.opt_g.step()
-        return torch.stack([terms["recon_a"], terms["recon_b"], terms["zero"], terms["adv"], loss_d, loss_g]).detach().float()
+        terms["disc"], terms["loss"] = loss_d, loss_g
+        return torch.stack([terms[k] for k in METRICS]).detach().float()
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "disc": self.disc.state_dict(),
