@@ -38,6 +38,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     opt = p.add_argument_group("optimisation (published defaults)")
     opt.add_argument("--steps", type=int, default=d.steps)
+    opt.add_argument("--max-minutes", type=float, default=d.max_minutes,
+                     help="stop and save after this many minutes of training even before --steps (0: no limit)")
     opt.add_argument("--batch-size", type=int, default=d.batch_size, help="images per domain per process")
     opt.add_argument("--lr", type=float, default=d.lr)
     opt.add_argument("--beta1", type=float, default=d.betas[0])
@@ -85,7 +87,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("sep_channels", args.sep_channels), ("code_channels", args.code_channels)) if v is not None}
     cfg = TrainConfig(
-        out=str(args.out), steps=args.steps, batch_size=args.batch_size, width=args.width, lr=args.lr,
+        out=str(args.out), steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, width=args.width, lr=args.lr,
         betas=(args.beta1, args.beta2), recon_weight=args.recon_weight, zero_weight=args.zero_weight,
         adv_weight=args.adv_weight, clip=args.clip, seed=args.seed, device=args.device, amp=args.amp,
         log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,

@@ -47,6 +47,7 @@ class TrainConfig:
 
     out: str = "runs/did"
     steps: int = 100_000
+    max_minutes: float = 0.0  # stop (and save) after this much training time even if `steps` is not reached; 0: no limit
     batch_size: int = 32  # per process, per domain
     width: str = "paper"  # models.config.PRESETS
     lr: float = 2e-4
@@ -139,6 +140,16 @@ def _truncate_log(path: Path, after_step: int) -> None:
 
 
 METRICS = ("recon_a", "recon_b", "zero", "adv", "disc", "loss")
+
+
+def _time_is_up(deadline: float, device: torch.device, world_size: int) -> bool:
+    """Whether the time budget is spent; under torchrun rank 0 decides for all, so every rank stops at the same step."""
+    if deadline == math.inf:
+        return False
+    flag = torch.tensor([time.monotonic() >= deadline], dtype=torch.int32, device=device)
+    if world_size > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 class Trainer:
@@ -285,8 +296,12 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
     window_steps, window_start = 0, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (d.main and cfg.progress), unit="step", dynamic_ncols=True)
     log_file = open(out / LOG_FILE, "a") if d.main else None
+    deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
     try:
         while step < cfg.steps:
+            if step % cfg.log_every == 0 and _time_is_up(deadline, device, d.world_size):
+                log.info("--max-minutes %.1f reached at step %d of %d; saving", cfg.max_minutes, step, cfg.steps)
+                break
             a, b = next(data)
             metrics = trainer.step(a, b)
             step += 1
