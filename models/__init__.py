@@ -4,10 +4,10 @@ Imports nothing from `app` or `training`; both of those build on this package.
 """
 from .checkpoint import CheckpointError, load, read_card, save
 from .config import PRESETS, ModelConfig, preset
-from .disentangler import SPACES, Codes, Disentangler
+from .disentangler import SPACES, Codes, Disentangler, Edit
 from .networks import Decoder, Encoder, LatentDiscriminator
 
 __all__ = [
-    "CheckpointError", "Codes", "Decoder", "Disentangler", "Encoder", "LatentDiscriminator", "ModelConfig",
+    "CheckpointError", "Codes", "Decoder", "Disentangler", "Edit", "Encoder", "LatentDiscriminator", "ModelConfig",
     "PRESETS", "SPACES", "load", "preset", "read_card", "save",
 ]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Variant = Literal["plain", "mask"]
-VARIANTS: tuple[str, ...] = ("plain",)  # "mask" (the ICLR 2020 variant) joins when its decoder head exists
+VARIANTS: tuple[str, ...] = ("plain", "mask")  # mask: the ICLR 2020 variant, whose decoder also predicts a mask
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,11 @@ class ModelConfig:
     @property
     def common_size(self) -> int:
         return self.common_channels * 4
+
+    @property
+    def has_mask(self) -> bool:
+        """Whether the decoder also predicts the attribute's mask (the mask-based variant)."""
+        return self.variant == "mask"
 
     def domain_index(self, name: str) -> int:
         """0 for domain a, 1 for domain b, accepting 'a'/'b' or the domain's own name."""

@@ -10,6 +10,13 @@ Each image is split into three codes: common (what both domains share), sep_a (w
 
 All methods take batches; per-image options (target domain, strength, keep) may be tensors of shape (N,) so one
 batch can mix requests.
+
+Mask-based variant (Mokady et al., ICLR 2020): the decoder also predicts a mask m in [0, 1] of where the attribute
+is, and an edit only changes the pixels inside it. `decode` composites `m * G(codes) + (1 - m) * G(E_c, 0, 0)`;
+the edits of input images (`transfer`, `intersect`, `remove`) go through `render`, which first removes the
+attributes being replaced from the input image by their masks, then pastes the new attribute through its mask onto
+the input image itself, so pixels outside the attribute's region stay the input's. `segment` returns the masks.
+An `Edit` describes one such edit on codes, so the service's batcher can render many requests in one call.
 """
 from __future__ import annotations
 
@@ -41,6 +48,30 @@ class Codes(NamedTuple):
         return Codes(*(torch.cat(ts) for ts in zip(*parts)))
 
 
+class Edit(NamedTuple):
+    """An edit of N input images, decided on their codes and carried out by `Disentangler.render`.
+
+    A plain model decodes `codes`. A mask model removes the attributes flagged in drop_a / drop_b from the input
+    image (inside their masks, hard at `threshold` or soft), then, where `paste`, composites G(codes) through its
+    own mask over the result. Every field but the codes is (N,), so the edits of several requests concatenate."""
+
+    codes: Codes  # the recombined codes to decode
+    source: Codes  # the input images' own codes (their attribute-free decode and attribute masks)
+    drop_a: torch.Tensor  # (N,) bool: remove the input's attribute a before pasting
+    drop_b: torch.Tensor  # (N,) bool: remove the input's attribute b before pasting
+    paste: torch.Tensor  # (N,) bool: paste G(codes) through its mask (False: a removal only)
+    threshold: torch.Tensor  # (N,) float: hard removal replaces the pixels whose mask exceeds this
+    soft: torch.Tensor  # (N,) bool: blend by the mask instead of thresholding it
+
+    def index(self, idx: slice | torch.Tensor | int) -> "Edit":
+        return Edit(self.codes.index(idx), self.source.index(idx), *(t[idx] for t in self[2:]))
+
+    @staticmethod
+    def cat(parts: "list[Edit]") -> "Edit":
+        return Edit(Codes.cat([p.codes for p in parts]), Codes.cat([p.source for p in parts]),
+                    *(torch.cat(ts) for ts in zip(*(p[2:] for p in parts))))
+
+
 def _per_image(value: float | bool | torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
     """A scalar or (N,) option as an (N, 1, 1, 1) tensor that broadcasts over code maps."""
     t = torch.as_tensor(value, device=like.device, dtype=like.dtype)
@@ -49,6 +80,16 @@ def _per_image(value: float | bool | torch.Tensor, n: int, like: torch.Tensor) -
     if t.shape != (n,):
         raise ValueError(f"per-image option must be a scalar or have shape ({n},), not {tuple(t.shape)}")
     return t.view(n, 1, 1, 1)
+
+
+def _flags(value: bool | float | torch.Tensor, n: int, device: torch.device, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """A scalar or (N,) option as an (N,) tensor of `dtype` (the per-image fields of an Edit)."""
+    t = torch.as_tensor(value, device=device).to(dtype)
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"per-image option must be a scalar or have shape ({n},), not {tuple(t.shape)}")
+    return t
 
 
 class Disentangler(nn.Module):
@@ -73,13 +114,44 @@ class Disentangler(nn.Module):
         self._check_images(x)
         return Codes(self.enc_common(x), self.enc_a(x), self.enc_b(x))
 
-    def decode(self, common: torch.Tensor, sep_a: torch.Tensor | None = None, sep_b: torch.Tensor | None = None) -> torch.Tensor:
-        """Codes -> images (N, 3, S, S) in [-1, 1]; a missing separate code means zero (attribute absent)."""
+    def decode_parts(
+        self, common: torch.Tensor, sep_a: torch.Tensor | None = None, sep_b: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Codes -> (the generator's raw RGB (N, 3, S, S) in [-1, 1], its mask (N, 1, S, S) in [0, 1] or None for
+        a plain model); a missing separate code means zero (attribute absent)."""
         n = common.shape[0]
         zeros = common.new_zeros((n, self.config.sep_channels, *common.shape[2:]))
         sep_a = zeros if sep_a is None else sep_a
         sep_b = zeros if sep_b is None else sep_b
-        return self.decoder(torch.cat([common, sep_a, sep_b], dim=1))
+        out = self.decoder(torch.cat([common, sep_a, sep_b], dim=1))
+        if not self.config.has_mask:
+            return out, None
+        return out[:, :3], out[:, 3:]
+
+    def decode(
+        self,
+        common: torch.Tensor,
+        sep_a: torch.Tensor | None = None,
+        sep_b: torch.Tensor | None = None,
+        base: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Codes -> images (N, 3, S, S) in [-1, 1]; a missing separate code means zero (attribute absent).
+
+        A mask model answers `mask * rgb + (1 - mask) * base`, the attribute drawn through its mask over `base`
+        (default: the attribute-free decode G(common, 0, 0), so with both separate codes zero the answer is that
+        base). Plain models ignore `base`."""
+        if not self.config.has_mask:
+            return self.decode_parts(common, sep_a, sep_b)[0]
+        n = common.shape[0]
+        if base is not None:
+            rgb, mask = self.decode_parts(common, sep_a, sep_b)
+            return mask * rgb + (1 - mask) * base
+        zeros = common.new_zeros((n, self.config.sep_channels, *common.shape[2:]))
+        sep_a = zeros if sep_a is None else sep_a
+        sep_b = zeros if sep_b is None else sep_b
+        # one decoder call for the codes and their attribute-free base
+        rgb, mask = self.decode_parts(torch.cat([common, common]), torch.cat([sep_a, zeros]), torch.cat([sep_b, zeros]))
+        return mask[:n] * rgb[:n] + (1 - mask[:n]) * rgb[n:]
 
     # --- the edits ----------------------------------------------------------------------------------------------
 
@@ -111,7 +183,19 @@ class Disentangler(nn.Module):
         codes = self.encode(torch.cat([content, guide]))
         c, g = codes.index(slice(0, n)), codes.index(slice(n, 2 * n))
         target_t = self.detect(g) if target is None else self._target(target, n, content.device)
-        return self.decode(*self.transfer_codes(c, g, target_t, strength, keep))
+        return self.render(content, self.transfer_edit(c, g, target_t, strength, keep))[0]
+
+    def transfer_edit(
+        self, content: Codes, guide: Codes, target: torch.Tensor, strength: float | torch.Tensor = 1.0, keep: bool | torch.Tensor = False
+    ) -> Edit:
+        """The Edit behind `transfer`: decode `transfer_codes`; a mask model first removes the content's own
+        attribute of the other domain (unless keep) and pastes the new attribute onto the content image."""
+        n = content.common.shape[0]
+        device = content.common.device
+        to_a = target == 0
+        k = _flags(keep, n, device)
+        return Edit(self.transfer_codes(content, guide, target, strength, keep), content, ~to_a & ~k, to_a & ~k,
+                    _flags(True, n, device), _flags(0.1, n, device, content.common.dtype), _flags(False, n, device))
 
     def transfer_codes(
         self, content: Codes, guide: Codes, target: torch.Tensor, strength: float | torch.Tensor = 1.0, keep: bool | torch.Tensor = False
@@ -131,24 +215,91 @@ class Disentangler(nn.Module):
         """G(E_c(content), E_sA(guide_a), E_sB(guide_b)): one face with a's attribute and b's at once."""
         n = content.shape[0]
         codes = self.encode(torch.cat([content, guide_a, guide_b]))
-        s = _per_image(strength, n, codes.common)
-        return self.decode(codes.common[:n], s * codes.sep_a[n : 2 * n], s * codes.sep_b[2 * n :])
+        return self.render(content, self.intersect_edit(codes.index(slice(0, n)), codes.index(slice(n, 2 * n)),
+                                                        codes.index(slice(2 * n, None)), strength))[0]
 
-    def remove(self, x: torch.Tensor, attribute: Attribute | torch.Tensor = "both") -> torch.Tensor:
-        """Decode without the separate code(s): 'a', 'b', 'both', or an (N,) tensor of 0 (a), 1 (b), 2 (both)."""
-        codes = self.encode(x)
-        return self.decode(*self.remove_codes(codes, attribute))
+    def intersect_edit(self, content: Codes, guide_a: Codes, guide_b: Codes, strength: float | torch.Tensor = 1.0) -> Edit:
+        """The Edit behind `intersect`; a mask model removes both of the content's attributes before pasting."""
+        n = content.common.shape[0]
+        device = content.common.device
+        s = _per_image(strength, n, content.common)
+        yes = _flags(True, n, device)
+        return Edit(Codes(content.common, s * guide_a.sep_a, s * guide_b.sep_b), content, yes, yes, yes,
+                    _flags(0.1, n, device, content.common.dtype), _flags(False, n, device))
+
+    def remove(
+        self, x: torch.Tensor, attribute: Attribute | torch.Tensor = "both", threshold: float | torch.Tensor = 0.1,
+        soft: bool | torch.Tensor = False,
+    ) -> torch.Tensor:
+        """Remove the separate attribute(s): 'a', 'b', 'both', or an (N,) tensor of 0 (a), 1 (b), 2 (both).
+
+        A plain model decodes without the code(s). A mask model keeps the input's pixels and replaces only the
+        attribute's region (its mask m; the larger of both masks for 'both') by the attribute-free decode
+        G(E_c(x), 0, 0): where m > threshold (hard, the paper's removal), or m * G + (1 - m) * x (soft)."""
+        return self.render(x, self.remove_edit(self.encode(x), attribute, threshold, soft))[0]
+
+    def remove_edit(
+        self, codes: Codes, attribute: Attribute | torch.Tensor = "both", threshold: float | torch.Tensor = 0.1,
+        soft: bool | torch.Tensor = False,
+    ) -> Edit:
+        """The Edit behind `remove` (plain models: decode `remove_codes`)."""
+        n = codes.common.shape[0]
+        device = codes.common.device
+        drop_a, drop_b = self._drops(attribute, n, device)
+        return Edit(self.remove_codes(codes, attribute), codes, drop_a, drop_b, _flags(False, n, device),
+                    _flags(threshold, n, device, codes.common.dtype), _flags(soft, n, device))
 
     def remove_codes(self, codes: Codes, attribute: Attribute | torch.Tensor = "both") -> Codes:
         n = codes.common.shape[0]
-        if isinstance(attribute, str):
-            if attribute not in ("a", "b", "both"):
-                raise ValueError(f"attribute must be 'a', 'b' or 'both', not {attribute!r}")
-            attribute = {"a": 0, "b": 1, "both": 2}[attribute]
-        which = torch.as_tensor(attribute, device=codes.common.device)
-        drop_a = _per_image((which == 0) | (which == 2), n, codes.common)
-        drop_b = _per_image((which == 1) | (which == 2), n, codes.common)
-        return Codes(codes.common, (1 - drop_a) * codes.sep_a, (1 - drop_b) * codes.sep_b)
+        drop_a, drop_b = self._drops(attribute, n, codes.common.device)
+        keep_a, keep_b = _per_image(~drop_a, n, codes.common), _per_image(~drop_b, n, codes.common)
+        return Codes(codes.common, keep_a * codes.sep_a, keep_b * codes.sep_b)
+
+    def render(self, x: torch.Tensor, edit: Edit) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Carry out an Edit of images x (N, 3, S, S): (edited images, masks (N, 1, S, S) or None for plain).
+
+        A mask model's mask is the pasted attribute's where `paste`, else the removed region's. Four decodes
+        (attribute-free base, a's mask, b's mask, the edited codes) run as one decoder call."""
+        if not self.config.has_mask:
+            return self.decode(*edit.codes), None
+        n = x.shape[0]
+        src, new = edit.source, edit.codes
+        zeros = torch.zeros_like(src.sep_a)
+        rgb, mask = self.decode_parts(
+            torch.cat([src.common, src.common, src.common, new.common]),
+            torch.cat([zeros, src.sep_a, zeros, new.sep_a]),
+            torch.cat([zeros, zeros, src.sep_b, new.sep_b]),
+        )
+        base, mask_a, mask_b = rgb[:n], mask[n : 2 * n], mask[2 * n : 3 * n]
+        view = lambda t: t.view(n, 1, 1, 1)  # noqa: E731  (N,) -> broadcastable over images
+        dropped = torch.maximum(mask_a * view(edit.drop_a), mask_b * view(edit.drop_b))
+        removed = torch.where(view(edit.soft), dropped * base + (1 - dropped) * x,
+                              torch.where(dropped > view(edit.threshold).to(dropped.dtype), base, x))
+        rgb_new, mask_new = rgb[3 * n :], mask[3 * n :]
+        pasted = mask_new * rgb_new + (1 - mask_new) * removed
+        paste = view(edit.paste)
+        return torch.where(paste, pasted, removed), torch.where(paste, mask_new, dropped)
+
+    def attribute_masks(self, codes: Codes, attribute: Attribute | torch.Tensor = "both") -> torch.Tensor:
+        """(N, 1, S, S) masks in [0, 1] of the attribute(s) of images with these codes: the mask of
+        G(c, sep_a, 0) for 'a', of G(c, 0, sep_b) for 'b', their elementwise maximum for 'both'."""
+        if not self.config.has_mask:
+            raise ValueError("this is a plain model: only mask-variant models predict attribute masks")
+        n = codes.common.shape[0]
+        drop_a, drop_b = self._drops(attribute, n, codes.common.device)
+        zeros = torch.zeros_like(codes.sep_a)
+        _, mask = self.decode_parts(torch.cat([codes.common, codes.common]), torch.cat([codes.sep_a, zeros]),
+                                    torch.cat([zeros, codes.sep_b]))
+        view = lambda t: t.view(n, 1, 1, 1)  # noqa: E731
+        return torch.maximum(mask[:n] * view(drop_a), mask[n:] * view(drop_b))
+
+    def segment(self, x: torch.Tensor, attribute: Literal["auto", "a", "b", "both"] | torch.Tensor = "auto") -> torch.Tensor:
+        """The weakly supervised segmentation of the mask paper: (N, 1, S, S) attribute masks in [0, 1] of images
+        x. 'auto' segments the attribute of the domain each image is detected as. Plain models raise ValueError."""
+        if not self.config.has_mask:
+            raise ValueError("this is a plain model: segmentation needs a mask-variant model")
+        codes = self.encode(x)
+        return self.attribute_masks(codes, self.detect(codes) if isinstance(attribute, str) and attribute == "auto" else attribute)
 
     def interpolate(self, start: Codes, end: Codes, steps: int, space: Space = "all") -> torch.Tensor:
         """Decode the straight path from `start` to `end` in one code space, the others held at `start`.
@@ -170,6 +321,16 @@ class Disentangler(nn.Module):
         return self.decode(*path).view(n, steps, 3, self.config.image_size, self.config.image_size)
 
     # --- helpers ------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _drops(attribute: Attribute | torch.Tensor, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) bools (drop a, drop b) of 'a', 'b', 'both' or an (N,) tensor of 0 (a), 1 (b), 2 (both)."""
+        if isinstance(attribute, str):
+            if attribute not in ("a", "b", "both"):
+                raise ValueError(f"attribute must be 'a', 'b' or 'both', not {attribute!r}")
+            attribute = {"a": 0, "b": 1, "both": 2}[attribute]
+        which = _flags(attribute, n, device, torch.long)
+        return (which == 0) | (which == 2), (which == 1) | (which == 2)
 
     def _target(self, target: int | str | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
         if isinstance(target, str):

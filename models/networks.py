@@ -50,16 +50,25 @@ class Decoder(nn.Module):
     """Concatenated codes (N, common + 2*sep, 2, 2) -> image (N, 3, S, S) in [-1, 1].
 
     128 px: 512 (2x2) -> 512 (4) -> 256 (8) -> 128 (16) -> 64 (32) -> 32 (64) -> 3 (128), tanh.
+
+    The mask variant's last layer has a fourth output channel, the logit of the attribute's mask: forward then
+    returns (N, 4, S, S), RGB (tanh) in channels 0-2 and the mask (sigmoid, in [0, 1]) in channel 3. One layer
+    rather than a second head keeps the mask aligned pixel for pixel with the RGB it gates; plain models keep
+    their 3-channel layer, so their checkpoints load unchanged.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         widths = (config.code_channels, *reversed(config.hidden_widths))
+        self.has_mask = config.has_mask
         self.body = nn.Sequential(*(_up(c_in, c_out) for c_in, c_out in zip(widths, widths[1:])))
-        self.to_rgb = nn.ConvTranspose2d(widths[-1], 3, 4, 2, 1)
+        self.to_rgb = nn.ConvTranspose2d(widths[-1], 4 if self.has_mask else 3, 4, 2, 1)
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.to_rgb(self.body(code)))
+        out = self.to_rgb(self.body(code))
+        if not self.has_mask:
+            return torch.tanh(out)
+        return torch.cat([torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:])], dim=1)
 
 
 class LatentDiscriminator(nn.Module):

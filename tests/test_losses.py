@@ -37,3 +37,17 @@ def test_generator_terms_pick_the_right_codes() -> None:
     terms = losses.generator_terms(codes_a, codes_b, a * 0.5, a * 0, a, a)
     assert terms["zero"].item() == 5.0
     assert terms["recon_a"].item() == 0.5 and terms["recon_b"].item() == 1.0
+
+
+def test_mask_variant_terms() -> None:
+    rgb = torch.full((1, 3, 2, 2), 1.0)
+    base = torch.full((1, 3, 2, 2), -1.0)
+    mask = torch.tensor([[[[1.0, 0.0], [0.5, 0.0]]]])
+    target = torch.zeros(1, 3, 2, 2)
+    torch.testing.assert_close(losses.composite(rgb, mask, base), torch.tensor([[[[1.0, -1.0], [0.0, -1.0]]]]).expand(1, 3, 2, 2))
+    assert losses.masked_reconstruction(rgb, mask, base, target).item() == (1 + 1 + 0 + 1) / 4
+    assert losses.mask_reconstruction(rgb, target).item() == 1.0
+    assert losses.mask_sparsity(mask, torch.ones(2, 1, 2, 2)).item() == (0.375 + 1) / 2
+    common_t, common = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    sep_t, sep = torch.full((1, 2, 2, 2), 0.5), torch.full((1, 2, 2, 2), -0.5)
+    assert losses.code_cycle(common_t, sep_t, common, sep).item() == 2.0

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from models.config import PRESETS
+from models.config import PRESETS, VARIANTS
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `did train` (and `python -m training`)."""
-    from .loop import TrainConfig
+    from .loop import WEIGHT_DEFAULTS, TrainConfig
 
     d = TrainConfig()
     data = p.add_argument_group("data")
@@ -35,8 +35,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--width", choices=sorted(PRESETS), default=d.width, help="network widths (default: the published 'paper')")
     model.add_argument("--sep-channels", type=int, help="override: channels of each separate code")
     model.add_argument("--code-channels", type=int, help="override: channels of the whole code map")
+    model.add_argument("--variant", choices=VARIANTS, default=d.variant,
+                       help="plain (Benaim et al. 2019, default) or mask (Mokady et al. 2020: the decoder also predicts "
+                            "the attribute's mask and edits change only the pixels inside it). Switches every loss weight "
+                            "left unset to that paper's defaults")
 
-    opt = p.add_argument_group("optimisation (published defaults)")
+    w = {k: WEIGHT_DEFAULTS[k] for k in ("plain", "mask")}
+
+    def by_variant(name: str) -> str:
+        if not w["plain"][name]:  # a term of the mask variant alone
+            return f"default {w['mask'][name]:g}"
+        return f"default: {w['plain'][name]:g} plain, {w['mask'][name]:g} mask"
+
+    opt = p.add_argument_group("optimisation (published defaults)",
+                               "Loss weights not given take the defaults of --variant: the published values of its paper.")
     opt.add_argument("--steps", type=int, default=d.steps)
     opt.add_argument("--max-minutes", type=float, default=d.max_minutes,
                      help="stop and save after this many minutes of training even before --steps (0: no limit)")
@@ -44,9 +56,21 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--lr", type=float, default=d.lr)
     opt.add_argument("--beta1", type=float, default=d.betas[0])
     opt.add_argument("--beta2", type=float, default=d.betas[1])
-    opt.add_argument("--recon-weight", type=float, default=d.recon_weight)
+    opt.add_argument("--recon-weight", type=float,
+                     help=f"reconstruction of domain a (plain: of both unless --recon-weight-b); {by_variant('recon_weight')}")
+    opt.add_argument("--recon-weight-b", type=float,
+                     help="reconstruction of domain b; default: --recon-weight plain, "
+                          f"{w['mask']['recon_weight_b']:g} mask")
     opt.add_argument("--zero-weight", type=float, default=d.zero_weight)
-    opt.add_argument("--adv-weight", type=float, default=d.adv_weight)
+    opt.add_argument("--adv-weight", type=float, help=f"common-space adversary; {by_variant('adv_weight')}")
+    opt.add_argument("--mask-recon-weight", type=float,
+                     help=f"mask variant: L1 of the raw generator output, each domain; {by_variant('mask_recon_weight')}")
+    opt.add_argument("--cycle-weight-a", type=float,
+                     help=f"mask variant: code cycle of a's images given b's attribute; {by_variant('cycle_weight_a')}")
+    opt.add_argument("--cycle-weight-b", type=float,
+                     help=f"mask variant: code cycle of b's images given a's attribute; {by_variant('cycle_weight_b')}")
+    opt.add_argument("--mask-weight", type=float,
+                     help=f"mask variant: sparsity, the mean of the masks; {by_variant('mask_weight')}")
     opt.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip for both nets")
     opt.add_argument("--seed", type=int, default=d.seed)
     opt.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA instead of bf16 autocast")
@@ -88,8 +112,10 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("sep_channels", args.sep_channels), ("code_channels", args.code_channels)) if v is not None}
     cfg = TrainConfig(
         out=str(args.out), steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, width=args.width, lr=args.lr,
-        betas=(args.beta1, args.beta2), recon_weight=args.recon_weight, zero_weight=args.zero_weight,
-        adv_weight=args.adv_weight, clip=args.clip, seed=args.seed, device=args.device, amp=args.amp,
+        betas=(args.beta1, args.beta2), variant=args.variant, recon_weight=args.recon_weight,
+        recon_weight_b=args.recon_weight_b, zero_weight=args.zero_weight, adv_weight=args.adv_weight,
+        mask_recon_weight=args.mask_recon_weight, cycle_weight_a=args.cycle_weight_a, cycle_weight_b=args.cycle_weight_b,
+        mask_weight=args.mask_weight, clip=args.clip, seed=args.seed, device=args.device, amp=args.amp,
         log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
         save_dtype=args.save_dtype, num_workers=args.num_workers, resume=args.resume, progress=args.progress,
         model_overrides=overrides,

@@ -23,8 +23,11 @@ def transfer_grid(model: Disentangler, contents: torch.Tensor, guides: torch.Ten
 
 @torch.no_grad()
 def removal_rows(model: Disentangler, images: torch.Tensor) -> torch.Tensor:
-    """(3, H, W): the inputs, their reconstructions, and the removal of a's, b's and both attributes, one row each."""
+    """(3, H, W): the inputs, their reconstructions, and the removal of a's, b's and both attributes, one row each;
+    for a mask model also a row of each image's attribute mask (white = attribute) by its detected domain."""
     rows = [images, model.reconstruct(images), model.remove(images, "a"), model.remove(images, "b"), model.remove(images, "both")]
+    if model.config.has_mask:
+        rows.append((model.segment(images) * 2 - 1).expand(-1, 3, -1, -1))
     return grid(torch.cat(rows).float().cpu(), nrow=images.shape[0])
 
 

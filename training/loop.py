@@ -1,7 +1,8 @@
 """The training loop: one process, or one process per GPU/CPU under torchrun (DistributedDataParallel).
 
 Each step: (1) the latent discriminator learns to tell E_c(a) from E_c(b); (2) the encoders and decoder minimise
-recon_weight * (recon_a + recon_b) + zero_weight * zero + adv_weight * adversarial. Rank 0 writes everything:
+recon_weight * recon_a + recon_weight_b * recon_b + zero_weight * zero + adv_weight * adversarial, and for the mask
+variant also the mask reconstructions, the code cycles and the mask sparsity (see `Trainer.step`). Rank 0 writes:
 `log.jsonl`, sample grids, the inference checkpoint (`model.safetensors` + `model.json`) and `train_state.pt`,
 from which `--resume` continues exactly (data batches are a pure function of the step, so nothing is replayed).
 """
@@ -16,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -41,9 +42,27 @@ STATE_FILE = "train_state.pt"
 LOG_FILE = "log.jsonl"
 
 
+# Loss weights a run takes unless told otherwise: the published values of each variant's paper (Benaim et al.
+# for plain, Mokady et al.'s glasses settings for mask), except mask_weight, which that paper does not state.
+WEIGHT_DEFAULTS: dict[str, dict[str, float]] = {
+    "plain": dict(recon_weight=1.0, recon_weight_b=1.0, adv_weight=0.001, mask_recon_weight=0.0, cycle_weight_a=0.0,
+                  cycle_weight_b=0.0, mask_weight=0.0),
+    # mask_weight 1.0: per pixel, the masked reconstruction pays recon_weight * |rgb - base| (summed over RGB) for a
+    # mask left shut and the sparsity term pays mask_weight for one opened, so a mask opens only where the generated
+    # attribute beats the attribute-free base by more than mask_weight / recon_weight: 1/7 (about 2.5% of the range
+    # per channel) for a, 1/5 for b. Glasses, a smile or a beard differ from bare skin by far more; blur and
+    # background, where both decodes agree, by less, so the mask stays shut there. On the synthetic smile/glasses
+    # benchmark (64 px, slim, batch 16) weights of 0.01-0.1 changed nothing: the mean mask was the same (0.31 at
+    # step 400, 0.11 at 1500) for all of them and no larger on the attribute than off it, too weak to decide.
+    "mask": dict(recon_weight=7.0, recon_weight_b=5.0, adv_weight=0.005, mask_recon_weight=0.7, cycle_weight_a=0.0,
+                 cycle_weight_b=0.001, mask_weight=1.0),
+}
+
+
 @dataclass
 class TrainConfig:
-    """Every knob of a run; the published defaults (Benaim et al.) unless noted."""
+    """Every knob of a run; the published defaults (Benaim et al.) unless noted. Loss weights left at None take
+    the variant's defaults (WEIGHT_DEFAULTS) when the config is made."""
 
     out: str = "runs/did"
     steps: int = 100_000
@@ -52,9 +71,15 @@ class TrainConfig:
     width: str = "paper"  # models.config.PRESETS
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
-    recon_weight: float = 1.0
+    variant: str = "plain"  # models.config.VARIANTS: "mask" adds the mask head and its losses
+    recon_weight: float | None = None  # domain a's reconstruction (plain: both domains' unless recon_weight_b)
+    recon_weight_b: float | None = None  # domain b's reconstruction (plain default: recon_weight)
     zero_weight: float = 1.0
-    adv_weight: float = 0.001
+    adv_weight: float | None = None
+    mask_recon_weight: float | None = None  # mask variant: L1 of the raw generator output, each domain
+    cycle_weight_a: float | None = None  # mask variant: code cycle of a's images given b's attribute
+    cycle_weight_b: float | None = None  # mask variant: code cycle of b's images given a's attribute
+    mask_weight: float | None = None  # mask variant: mean of the masks (sparsity)
     clip: float = 5.0
     seed: int = 0
     device: str = "auto"
@@ -67,6 +92,16 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"sep_channels": 32}
+
+    def __post_init__(self) -> None:
+        if self.variant not in WEIGHT_DEFAULTS:
+            raise ValueError(f"variant must be one of {sorted(WEIGHT_DEFAULTS)}, not {self.variant!r}")
+        defaults = dict(WEIGHT_DEFAULTS[self.variant])
+        if self.variant == "plain" and self.recon_weight is not None:
+            defaults["recon_weight_b"] = self.recon_weight  # plain: one --recon-weight sets both domains
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,24 +140,51 @@ def setup_distributed(device_arg: str) -> tuple[Dist, torch.device]:
     return d, device
 
 
+class MaskPass(NamedTuple):
+    """One forward pass of the mask variant, n images per domain; rgb/mask rows in blocks of n: reconstructions
+    G(c_a, sA_a, 0), G(c_b, 0, sB_b); bases G(c_a, 0, 0), G(c_b, 0, 0); translations G(c_a, 0, sB_b) (a with b's
+    attribute), G(c_b, sA_a, 0) (b with a's). `cycle` holds the codes of the two composited translations."""
+
+    codes_a: Codes
+    codes_b: Codes
+    rgb: torch.Tensor  # (6n, 3, S, S)
+    mask: torch.Tensor  # (6n, 1, S, S)
+    cycle: Codes  # (2n, ...): E(translated a), E(translated b)
+
+
 class _Generator(nn.Module):
     """The encoders and decoder as one forward pass, so DistributedDataParallel sees every parameter used.
 
     Both domains go through each encoder and the decoder as one concatenated batch (every layer is per-sample, so
-    this equals two passes and runs faster)."""
+    this equals two passes and runs faster). The mask variant decodes all six of its images in one call and
+    re-encodes its translations in a second encoder call."""
 
     def __init__(self, model: Disentangler):
         super().__init__()
         self.model = model
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[Codes, Codes, torch.Tensor, torch.Tensor]:
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[Codes, Codes, torch.Tensor, torch.Tensor] | MaskPass:
         n = a.shape[0]
         codes = self.model.encode(torch.cat([a, b]))
         codes_a, codes_b = codes.index(slice(0, n)), codes.index(slice(n, None))
-        # Reconstruct a with its own separate code and b's code zeroed, and b the other way round.
         zeros = torch.zeros_like(codes_a.sep_a)
+        if self.model.config.has_mask:
+            return self._mask_pass(codes_a, codes_b, zeros)
+        # Reconstruct a with its own separate code and b's code zeroed, and b the other way round.
         recon = self.model.decode(codes.common, torch.cat([codes_a.sep_a, zeros]), torch.cat([zeros, codes_b.sep_b]))
         return codes_a, codes_b, recon[:n], recon[n:]
+
+    def _mask_pass(self, codes_a: Codes, codes_b: Codes, zeros: torch.Tensor) -> MaskPass:
+        n = zeros.shape[0]
+        ca, cb, sa, sb = codes_a.common, codes_b.common, codes_a.sep_a, codes_b.sep_b
+        rgb, mask = self.model.decode_parts(
+            torch.cat([ca, cb, ca, cb, ca, cb]),
+            torch.cat([sa, zeros, zeros, zeros, zeros, sa]),
+            torch.cat([zeros, sb, zeros, zeros, sb, zeros]),
+        )
+        # Translations composited over their content's attribute-free base, as `decode` renders them.
+        translated = mask[4 * n :] * rgb[4 * n :] + (1 - mask[4 * n :]) * rgb[2 * n : 4 * n]
+        return MaskPass(codes_a, codes_b, rgb, mask, self.model.encode(translated))
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -139,7 +201,9 @@ def _truncate_log(path: Path, after_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-METRICS = ("recon_a", "recon_b", "zero", "adv", "disc", "loss")
+METRICS = ("recon_a", "recon_b", "zero", "adv", "disc", "loss")  # plain models
+MASK_METRICS = ("recon_a", "recon_b", "mask_recon_a", "mask_recon_b", "cycle_a", "cycle_b", "mask", "zero", "adv", "disc", "loss")
+VARIANT_METRICS = {"plain": METRICS, "mask": MASK_METRICS}
 
 
 def _time_is_up(deadline: float, device: torch.device, world_size: int) -> bool:
@@ -158,6 +222,12 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, world_size: int = 1):
         self.cfg, self.device = cfg, device
+        self.metrics = VARIANT_METRICS[model_cfg.variant]
+        # the weighted terms of the generator's loss (adv is added after the discriminator's update)
+        self.weights = {"recon_a": cfg.recon_weight, "recon_b": cfg.recon_weight_b, "zero": cfg.zero_weight}
+        if model_cfg.has_mask:
+            self.weights |= {"mask_recon_a": cfg.mask_recon_weight, "mask_recon_b": cfg.mask_recon_weight,
+                             "cycle_a": cfg.cycle_weight_a, "cycle_b": cfg.cycle_weight_b, "mask": cfg.mask_weight}
         self.model = Disentangler(model_cfg).to(device).train()
         self.disc = LatentDiscriminator(model_cfg).to(device).train()
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
@@ -172,11 +242,17 @@ class Trainer:
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
 
     def step(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """One step on a batch of each domain; returns the METRICS as one detached tensor (no host sync)."""
+        """One step on a batch of each domain; returns the variant's metrics (`self.metrics`, METRICS or
+        MASK_METRICS order) as one detached tensor (no host sync)."""
         cfg, n = self.cfg, a.shape[0]
         with self.autocast():
-            codes_a, codes_b, recon_a, recon_b = self.gen(a, b)
-        terms = losses.generator_terms(codes_a, codes_b, recon_a.float(), recon_b.float(), a, b)
+            out = self.gen(a, b)
+        if isinstance(out, MaskPass):
+            codes_a, codes_b = out.codes_a, out.codes_b
+            terms = self._mask_terms(out, a, b)
+        else:
+            codes_a, codes_b, recon_a, recon_b = out
+            terms = losses.generator_terms(codes_a, codes_b, recon_a.float(), recon_b.float(), a, b)
         common = torch.cat([codes_a.common, codes_b.common]).float()
 
         # (1) the latent discriminator learns to tell E_c(a) from E_c(b), on codes detached from the encoder.
@@ -194,17 +270,35 @@ class Trainer:
         adv_logits = functional_call(self.disc, {k: v.detach() for k, v in self.disc.named_parameters()}, (common,))
         self.disc.train()
         terms["adv"] = losses.adversarial(adv_logits[:n], adv_logits[n:])
-        loss_g = (
-            cfg.recon_weight * (terms["recon_a"] + terms["recon_b"])
-            + cfg.zero_weight * terms["zero"]
-            + cfg.adv_weight * terms["adv"]
-        )
+        loss_g = sum(w * terms[k] for k, w in self.weights.items()) + cfg.adv_weight * terms["adv"]
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
         self.opt_g.step()
         terms["disc"], terms["loss"] = loss_d, loss_g
-        return torch.stack([terms[k] for k in METRICS]).detach().float()
+        return torch.stack([terms[k] for k in self.metrics]).detach().float()
+
+    @staticmethod
+    def _mask_terms(out: MaskPass, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The unweighted non-adversarial terms of the mask variant, computed in float32 (the pass may be bf16)."""
+        n = a.shape[0]
+        rgb, mask = out.rgb.float(), out.mask.float()
+        block = lambda i: slice(i * n, (i + 1) * n)  # noqa: E731  the i-th block of n rows (see MaskPass)
+        cyc = Codes(*(t.float() for t in out.cycle))
+        ca, cb = out.codes_a.common.float(), out.codes_b.common.float()
+        sa, sb = out.codes_a.sep_a.float(), out.codes_b.sep_b.float()
+        return {
+            "recon_a": losses.masked_reconstruction(rgb[block(0)], mask[block(0)], rgb[block(2)], a),
+            "recon_b": losses.masked_reconstruction(rgb[block(1)], mask[block(1)], rgb[block(3)], b),
+            "mask_recon_a": losses.mask_reconstruction(rgb[block(0)], a),
+            "mask_recon_b": losses.mask_reconstruction(rgb[block(1)], b),
+            # the targets are detached: the cycle teaches the translation and its re-encoding, it does not pull
+            # the codes of the real images towards those of the translations
+            "cycle_a": losses.code_cycle(cyc.common[:n], cyc.sep_b[:n], ca.detach(), sb.detach()),
+            "cycle_b": losses.code_cycle(cyc.common[n:], cyc.sep_a[n:], cb.detach(), sa.detach()),
+            "mask": losses.mask_sparsity(mask[block(0)], mask[block(1)], mask[4 * n :]),
+            "zero": losses.zero(out.codes_b.sep_a.float(), out.codes_a.sep_b.float()),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "disc": self.disc.state_dict(),
@@ -220,7 +314,7 @@ class Trainer:
 def build_model_config(cfg: TrainConfig, source: PairSource) -> ModelConfig:
     """The nets a run trains: the width preset at the data's size, named after the data's domains."""
     return preset(cfg.width, image_size=source.image_size, domain_a=source.domains[0], domain_b=source.domains[1],
-                  **cfg.model_overrides)
+                  variant=cfg.variant, **cfg.model_overrides)
 
 
 def train(cfg: TrainConfig, source: PairSource) -> Path:
@@ -292,7 +386,8 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
 
     data = source.batches(cfg.batch_size, seed=cfg.seed, start_step=step, rank=d.rank, world_size=d.world_size, device=device,
                           num_workers=cfg.num_workers)
-    totals = torch.zeros(len(METRICS), device=device)
+    names = trainer.metrics
+    totals = torch.zeros(len(names), device=device)
     window_steps, window_start = 0, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (d.main and cfg.progress), unit="step", dynamic_ncols=True)
     log_file = open(out / LOG_FILE, "a") if d.main else None
@@ -316,15 +411,18 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
                 elapsed = time.perf_counter() - window_start
                 means = (totals / window_steps).tolist()
                 if any(not math.isfinite(v) for v in means):
-                    raise FloatingPointError(f"loss is not finite at step {step}: {dict(zip(METRICS, means))}")
-                record = {"step": step, **{k: round(v, 6) for k, v in zip(METRICS, means)}}
+                    raise FloatingPointError(f"loss is not finite at step {step}: {dict(zip(names, means))}")
+                record = {"step": step, **{k: round(v, 6) for k, v in zip(names, means)}}
                 record["steps_per_s"] = round(window_steps / elapsed, 3)
                 record["images_per_s"] = round(window_steps * 2 * cfg.batch_size * d.world_size / elapsed, 1)
                 if log_file:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
-                bar.set_postfix(recon=f"{record['recon_a'] + record['recon_b']:.4f}", zero=f"{record['zero']:.4f}",
-                                disc=f"{record['disc']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+                shown = dict(recon=f"{record['recon_a'] + record['recon_b']:.4f}", zero=f"{record['zero']:.4f}")
+                if "mask" in record:
+                    shown |= dict(mask_recon=f"{record['mask_recon_a'] + record['mask_recon_b']:.4f}",
+                                  cycle=f"{record['cycle_a'] + record['cycle_b']:.4f}", mask=f"{record['mask']:.3f}")
+                bar.set_postfix(**shown, disc=f"{record['disc']:.3f}", img_s=f"{record['images_per_s']:.0f}")
                 totals.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             paused = time.perf_counter()
