@@ -1,13 +1,14 @@
 """Dynamic batching of model calls, one batcher per loaded model.
 
-Every endpoint is encode -> cheap code recombination -> decode. Three job kinds carry all the model work:
-`encode(images) -> Codes`, `decode(Codes) -> images`, and `edit(images, recombine) -> images`, which does all three
+Every endpoint is encode -> cheap code recombination -> decode. Four job kinds carry all the model work:
+`encode(images) -> Codes`, `decode(Codes) -> images`, `edit(images, recombine) -> images`, which does all three
 steps in one trip through the queue (an edit that went encode, back to the event loop, then decode would wait for
-two batches instead of one). Requests put jobs on a bounded asyncio queue (full: 503 with Retry-After). One worker
+two batches instead of one), and `render(images, plan) -> (images, masks)`, an edit whose recombination is a core
+`Edit` carried out by the core's `render` (mask models composite the result over the uploaded image itself). Requests put jobs on a bounded asyncio queue (full: 503 with Retry-After). One worker
 task per model takes the first waiting job, then gathers more for up to `max_wait_ms` or until `max_batch` images,
 and runs the whole batch in the model's own thread (torch.inference_mode), off the event loop: one encode call for
 the images of every encode and edit job, each edit's recombination (the core's `transfer_codes`/`remove_codes`) on
-its own rows, then one decode call for every decode and edit job. While that thread computes, new jobs queue up
+its own rows, then one decode call for every decode and edit job and one render call for every render job. While that thread computes, new jobs queue up
 and form the next batch. The batcher does not wait when every request in flight already has a job in the batch
 (one client alone is not slowed down by max_wait_ms). `call` runs any other function of the model (interpolation
 paths) in the same thread.
@@ -26,16 +27,18 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from models import Codes, Disentangler
+from models import Codes, Disentangler, Edit
 
 from .errors import NotReady, Overloaded
 from .metrics import Metrics
 
 log = logging.getLogger("did.app")
 
-Kind = Literal["encode", "decode", "edit", "call"]
+Kind = Literal["encode", "decode", "edit", "render", "call"]
 # An edit's recombination: its rows' Codes (on the model's device) -> (Codes to decode, anything to hand back).
 Recombine = Callable[[Codes], tuple[Codes, Any]]
+# A render job's plan: its rows' Codes -> (the Edit of its first len(Edit) images, anything to hand back).
+Plan = Callable[[Codes], tuple[Edit, Any]]
 
 
 @dataclass(slots=True)
@@ -74,6 +77,12 @@ class Batcher:
         """Encode (N, 3, S, S) CPU images, recombine their codes, decode: ((M, 3, S, S) CPU images, recombine's extra).
         `recombine` runs in the model's thread; it must only recombine codes (cheap tensor arithmetic)."""
         return await self._submit("edit", (images, recombine), images.shape[0])
+
+    async def render(self, images: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """Encode (N, 3, S, S) CPU images, plan an Edit on their codes, carry it out on the first M images (the
+        ones edited; guides follow them): ((M, 3, S, S) CPU images, (M, 1, S, S) CPU masks or None for a plain
+        model, plan's extra). `plan` runs in the model's thread; it must only recombine codes."""
+        return await self._submit("render", (images, plan), images.shape[0])
 
     async def call(self, fn: Callable[[Disentangler], Any], rows: int = 1) -> Any:
         """fn(model) in the model's thread, between batches (for work that is not encode or decode)."""
@@ -178,8 +187,9 @@ class Batcher:
         """The whole batch in the model's thread: one encode call, the edits' recombinations, one decode call."""
         results: dict[int, Any] = {}
         with torch.inference_mode():
-            encoding = [j for j in jobs if j.kind in ("encode", "edit")]
+            encoding = [j for j in jobs if j.kind in ("encode", "edit", "render")]
             to_decode: list[tuple[_Job, Codes]] = [(j, Codes(*(self._to_model(t) for t in j.payload))) for j in jobs if j.kind == "decode"]
+            to_render: list[tuple[_Job, Edit]] = []
             if encoding:
                 for job, codes in zip(encoding, self._timed("encode", encoding, self._encode)):
                     if job.kind == "encode":
@@ -191,11 +201,14 @@ class Batcher:
                         results[id(job)] = e
                         continue
                     results[id(job)] = extra
-                    to_decode.append((job, mixed))
+                    (to_render if job.kind == "render" else to_decode).append((job, mixed))
             if to_decode:
                 images = self._timed("decode", to_decode, self._decode)
                 for (job, _), image in zip(to_decode, images):
                     results[id(job)] = (image, results[id(job)]) if job.kind == "edit" else image
+            if to_render:
+                for (job, _), (image, mask) in zip(to_render, self._timed("render", to_render, self._render)):
+                    results[id(job)] = (image, mask, results[id(job)])
             for job in jobs:
                 if job.kind == "call":
                     try:
@@ -208,7 +221,7 @@ class Batcher:
         start = time.perf_counter()
         out = fn(group)
         if self.metrics:
-            rows = sum(len(o.common) if isinstance(o, Codes) else len(o) for o in out)
+            rows = sum(len(o.common) if isinstance(o, Codes) else len(o[0]) if isinstance(o, tuple) else len(o) for o in out)
             self.metrics.batch_size.labels(self.name, kind).observe(rows)
             self.metrics.batch_seconds.labels(self.name, kind).observe(time.perf_counter() - start)
         return out
@@ -226,7 +239,7 @@ class Batcher:
 
     def _encode(self, group: list[_Job]) -> list[Codes]:
         """Codes (on the model's device) of each job's images, from one encode call."""
-        images = [j.payload[0] if j.kind == "edit" else j.payload for j in group]
+        images = [j.payload[0] if j.kind in ("edit", "render") else j.payload for j in group]
         x = torch.cat(images) if len(images) > 1 else images[0]
         codes = self.model.encode(self._to_model(x))
         return [codes.index(s) for s in self._slices([len(i) for i in images])]
@@ -237,3 +250,13 @@ class Batcher:
         codes = Codes.cat(parts) if len(parts) > 1 else parts[0]
         images = self.model.decode(*codes).float().cpu()
         return [images[s] for s in self._slices([len(c.common) for c in parts])]
+
+    def _render(self, group: list[tuple[_Job, Edit]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(CPU float32 images, CPU masks or None) of each entry's Edit, from one render call."""
+        edits = [edit for _, edit in group]
+        sizes = [len(e.codes.common) for e in edits]
+        x = torch.cat([job.payload[0][:n] for (job, _), n in zip(group, sizes)])
+        images, masks = self.model.render(self._to_model(x), Edit.cat(edits) if len(edits) > 1 else edits[0])
+        images = images.float().cpu()
+        masks = masks.float().cpu() if masks is not None else None
+        return [(images[s], masks[s] if masks is not None else None) for s in self._slices(sizes)]

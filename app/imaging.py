@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -180,6 +181,32 @@ async def encode_async(image: torch.Tensor, fmt: str, size: int | None = None) -
 
 async def encode_path_async(frames: torch.Tensor, fmt: str, size: int | None = None) -> Encoded:
     return await asyncio.get_running_loop().run_in_executor(None, encode_path, frames, fmt, size)
+
+
+def encode_mask(mask: torch.Tensor, fmt: str, size: int | None = None) -> Encoded:
+    """One (1, H, W) mask in [0, 1] -> a grayscale image (255 = attribute); json answers carry a PNG."""
+    arr = mask.detach().float()[0].mul(255).round().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+    img = _resize(Image.fromarray(arr, "L"), size)
+    still = "png" if fmt == "json" else fmt
+    return Encoded(_save(img, still), MEDIA_TYPES[still], img.width, img.height)
+
+
+async def encode_mask_async(mask: torch.Tensor, fmt: str, size: int | None = None) -> Encoded:
+    return await asyncio.get_running_loop().run_in_executor(None, encode_mask, mask, fmt, size)
+
+
+def mask_extent(mask: torch.Tensor, threshold: float, size: int | None = None) -> tuple[float, list[int] | None]:
+    """(area, bbox) of a (1, S, S) mask: the fraction of pixels above `threshold`, and [x0, y0, x1, y1] (ends
+    exclusive) of those pixels scaled to an answer of `size` pixels per side (None: S), or None when there are none."""
+    over = mask.detach().float()[0] > threshold
+    area = float(over.float().mean())
+    if not over.any():
+        return area, None
+    s = over.shape[-1]
+    scale = (size or s) / s
+    ys, xs = over.any(dim=1).nonzero()[:, 0], over.any(dim=0).nonzero()[:, 0]
+    box = (int(xs[0]) * scale, int(ys[0]) * scale, (int(xs[-1]) + 1) * scale, (int(ys[-1]) + 1) * scale)
+    return area, [math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3])]
 
 
 def as_json(enc: Encoded) -> dict[str, object]:

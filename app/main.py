@@ -82,7 +82,8 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"],
-            expose_headers=["X-Model", "X-Detected-Domain", "X-Target-Domain", "X-Removed", "Retry-After"],
+            expose_headers=["X-Model", "X-Detected-Domain", "X-Target-Domain", "X-Removed", "X-Attribute", "X-Mask-Area",
+                            "Retry-After"],
         )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -82,6 +82,19 @@ class DecodeRequest(BaseModel):
     sep_b: CodeSource = None
 
 
+class MaskJSON(BaseModel):
+    """A mask model's attribute mask: a grayscale PNG (white = attribute) and what it covers."""
+
+    image: str = Field(description="base64 of the grayscale PNG, 255 where the mask is 1")
+    media_type: str
+    width: int
+    height: int
+    threshold: float = Field(description="the mask value above which a pixel counts as the attribute's")
+    area: float = Field(description="fraction of the pixels whose mask exceeds the threshold")
+    bbox: list[int] | None = Field(description="[x0, y0, x1, y1] (x1, y1 exclusive) of those pixels in this PNG's "
+                                   "pixel coordinates; null when there are none")
+
+
 class ImageJSON(BaseModel):
     """An image answered as JSON (format=json or Accept: application/json)."""
 
@@ -91,6 +104,14 @@ class ImageJSON(BaseModel):
     height: int
     model: str
     meta: dict[str, str] = Field(default_factory=dict, description="the same facts as the X-* headers, e.g. detected_domain")
+    mask: MaskJSON | None = Field(None, description="with include_mask=true on a mask model: the edit's mask")
+
+
+class SegmentJSON(MaskJSON):
+    """POST /segment answered as JSON."""
+
+    model: str
+    meta: dict[str, str] = Field(default_factory=dict, description="the same facts as the X-* headers: detected_domain, attribute")
 
 
 # --- multipart form bodies --------------------------------------------------------------------------------------
@@ -108,6 +129,9 @@ class _ImageAnswerForm(_Form):
     size: int | None = Field(None, ge=16, description="answer at this many pixels per side (default: the model's resolution)")
 
 
+Threshold = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
 class TransferForm(_ImageAnswerForm):
     content: UploadFile = Field(description="the image whose face (common code) is kept")
     guide: UploadFile | None = Field(None, description="the image whose attribute is added")
@@ -116,11 +140,24 @@ class TransferForm(_ImageAnswerForm):
     target: str | None = Field(None, max_length=128, description="a, b or a domain's name; default: detected from the guide's separate codes")
     strength: float = Field(1.0, ge=0, le=2, description="scales the added code")
     keep: bool = Field(False, description="keep the content's own attribute of the other domain instead of removing it")
+    include_mask: bool = Field(False, description="mask models only: also answer the pasted attribute's mask (its pixels "
+                               "with format=json; as the X-Mask-Area header otherwise)")
 
 
 class RemoveForm(_ImageAnswerForm):
     image: UploadFile = Field(description="the image to edit")
     attribute: str = Field("auto", max_length=128, description="a, b, a domain's name, both, or auto (the domain detected from the image)")
+    threshold: Threshold | None = Field(None, description="mask models only: replace the pixels whose mask exceeds this "
+                                        "(default 0.1, the paper's)")
+    soft: bool | None = Field(None, description="mask models only: blend by the mask instead of thresholding it (default false)")
+    include_mask: bool = Field(False, description="mask models only: also answer the removed region's mask (its pixels "
+                               "with format=json; as the X-Mask-Area header otherwise)")
+
+
+class SegmentForm(_ImageAnswerForm):
+    image: UploadFile = Field(description="the image to segment")
+    attribute: str = Field("auto", max_length=128, description="a, b, a domain's name, both, or auto (the domain detected from the image)")
+    threshold: Threshold = Field(0.5, description="mask value above which a pixel counts for the JSON answer's area and bbox")
 
 
 class EncodeForm(_Form):

@@ -31,6 +31,7 @@ from .networks import Decoder, Encoder
 Space = Literal["common", "a", "b", "all"]
 SPACES: tuple[str, ...] = ("common", "a", "b", "all")
 Attribute = Literal["a", "b", "both"]
+REMOVAL_THRESHOLD = 0.1  # the mask paper's removal replaces the pixels whose mask exceeds this
 
 
 class Codes(NamedTuple):
@@ -90,6 +91,11 @@ def _flags(value: bool | float | torch.Tensor, n: int, device: torch.device, dty
     if t.shape != (n,):
         raise ValueError(f"per-image option must be a scalar or have shape ({n},), not {tuple(t.shape)}")
     return t
+
+
+def _column(t: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (N, 1, 1, 1), to broadcast a per-image value over images or masks."""
+    return t.view(-1, 1, 1, 1)
 
 
 class Disentangler(nn.Module):
@@ -195,7 +201,7 @@ class Disentangler(nn.Module):
         to_a = target == 0
         k = _flags(keep, n, device)
         return Edit(self.transfer_codes(content, guide, target, strength, keep), content, ~to_a & ~k, to_a & ~k,
-                    _flags(True, n, device), _flags(0.1, n, device, content.common.dtype), _flags(False, n, device))
+                    _flags(True, n, device), _flags(REMOVAL_THRESHOLD, n, device, content.common.dtype), _flags(False, n, device))
 
     def transfer_codes(
         self, content: Codes, guide: Codes, target: torch.Tensor, strength: float | torch.Tensor = 1.0, keep: bool | torch.Tensor = False
@@ -225,10 +231,10 @@ class Disentangler(nn.Module):
         s = _per_image(strength, n, content.common)
         yes = _flags(True, n, device)
         return Edit(Codes(content.common, s * guide_a.sep_a, s * guide_b.sep_b), content, yes, yes, yes,
-                    _flags(0.1, n, device, content.common.dtype), _flags(False, n, device))
+                    _flags(REMOVAL_THRESHOLD, n, device, content.common.dtype), _flags(False, n, device))
 
     def remove(
-        self, x: torch.Tensor, attribute: Attribute | torch.Tensor = "both", threshold: float | torch.Tensor = 0.1,
+        self, x: torch.Tensor, attribute: Attribute | torch.Tensor = "both", threshold: float | torch.Tensor = REMOVAL_THRESHOLD,
         soft: bool | torch.Tensor = False,
     ) -> torch.Tensor:
         """Remove the separate attribute(s): 'a', 'b', 'both', or an (N,) tensor of 0 (a), 1 (b), 2 (both).
@@ -239,7 +245,7 @@ class Disentangler(nn.Module):
         return self.render(x, self.remove_edit(self.encode(x), attribute, threshold, soft))[0]
 
     def remove_edit(
-        self, codes: Codes, attribute: Attribute | torch.Tensor = "both", threshold: float | torch.Tensor = 0.1,
+        self, codes: Codes, attribute: Attribute | torch.Tensor = "both", threshold: float | torch.Tensor = REMOVAL_THRESHOLD,
         soft: bool | torch.Tensor = False,
     ) -> Edit:
         """The Edit behind `remove` (plain models: decode `remove_codes`)."""
@@ -271,13 +277,12 @@ class Disentangler(nn.Module):
             torch.cat([zeros, zeros, src.sep_b, new.sep_b]),
         )
         base, mask_a, mask_b = rgb[:n], mask[n : 2 * n], mask[2 * n : 3 * n]
-        view = lambda t: t.view(n, 1, 1, 1)  # noqa: E731  (N,) -> broadcastable over images
-        dropped = torch.maximum(mask_a * view(edit.drop_a), mask_b * view(edit.drop_b))
-        removed = torch.where(view(edit.soft), dropped * base + (1 - dropped) * x,
-                              torch.where(dropped > view(edit.threshold).to(dropped.dtype), base, x))
+        dropped = torch.maximum(mask_a * _column(edit.drop_a), mask_b * _column(edit.drop_b))
+        removed = torch.where(_column(edit.soft), dropped * base + (1 - dropped) * x,
+                              torch.where(dropped > _column(edit.threshold).to(dropped.dtype), base, x))
         rgb_new, mask_new = rgb[3 * n :], mask[3 * n :]
         pasted = mask_new * rgb_new + (1 - mask_new) * removed
-        paste = view(edit.paste)
+        paste = _column(edit.paste)
         return torch.where(paste, pasted, removed), torch.where(paste, mask_new, dropped)
 
     def attribute_masks(self, codes: Codes, attribute: Attribute | torch.Tensor = "both") -> torch.Tensor:
@@ -290,8 +295,7 @@ class Disentangler(nn.Module):
         zeros = torch.zeros_like(codes.sep_a)
         _, mask = self.decode_parts(torch.cat([codes.common, codes.common]), torch.cat([codes.sep_a, zeros]),
                                     torch.cat([zeros, codes.sep_b]))
-        view = lambda t: t.view(n, 1, 1, 1)  # noqa: E731
-        return torch.maximum(mask[:n] * view(drop_a), mask[n:] * view(drop_b))
+        return torch.maximum(mask[:n] * _column(drop_a), mask[n:] * _column(drop_b))
 
     def segment(self, x: torch.Tensor, attribute: Literal["auto", "a", "b", "both"] | torch.Tensor = "auto") -> torch.Tensor:
         """The weakly supervised segmentation of the mask paper: (N, 1, S, S) attribute masks in [0, 1] of images

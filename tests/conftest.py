@@ -59,6 +59,16 @@ def two_model_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def mask_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Plain and mask models side by side: smile_glasses (plain, the default: first by name) and smile_glasses_mask
+    (the mask variant), both tiny 64 px with random weights."""
+    root = tmp_path_factory.mktemp("mask_weights")
+    _save_tiny(root / "smile_glasses", seed=0)
+    _save_tiny(root / "smile_glasses_mask", seed=2, variant="mask")
+    return root
+
+
 def draw_face(seed: int, size: int | tuple[int, int] = 96) -> Image.Image:
     """A cartoon face: background, face, eyes; `seed` varies colours and (odd seeds) adds glasses or a smile."""
     w, h = (size, size) if isinstance(size, int) else size

@@ -30,18 +30,36 @@ PATH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _headers(entry: LoadedModel, meta: dict[str, str]) -> dict[str, str]:
+def headers_for(entry: LoadedModel, meta: dict[str, str]) -> dict[str, str]:
     """meta {'detected_domain': 'smile'} -> {'X-Detected-Domain': 'smile'}, plus the model's name."""
     headers = {"X-Model": entry.name}
     headers.update({"X-" + "-".join(w.capitalize() for w in k.split("_")): v for k, v in meta.items()})
     return headers
 
 
-async def image_response(image: torch.Tensor, out: Output, entry: LoadedModel, meta: dict[str, str] | None = None, *, path: bool = False) -> Response:
-    """Encode (off the event loop) one (3, S, S) image, or (T, 3, S, S) frames when `path`, as the request asked."""
-    meta = meta or {}
+async def mask_json(mask: torch.Tensor, threshold: float, size: int | None) -> dict[str, Any]:
+    """A (1, S, S) mask as MaskJSON: grayscale PNG (encoded off the event loop), area and bbox at `threshold`."""
+    enc = await imaging.encode_mask_async(mask, "png", size)
+    area, bbox = imaging.mask_extent(mask, threshold, size)
+    return {**imaging.as_json(enc), "threshold": threshold, "area": area, "bbox": bbox}
+
+
+async def image_response(image: torch.Tensor, out: Output, entry: LoadedModel, meta: dict[str, str] | None = None, *,
+                         path: bool = False, mask: tuple[torch.Tensor, float] | None = None) -> Response:
+    """Encode (off the event loop) one (3, S, S) image, or (T, 3, S, S) frames when `path`, as the request asked.
+
+    `mask` (a (1, S, S) mask and the threshold of its area) adds the edit's mask: as MaskJSON under "mask" in a
+    JSON answer; an image answer has room for the image alone, so it only gets the area (X-Mask-Area)."""
+    meta = dict(meta or {})
     enc = await (imaging.encode_path_async(image, out.format, out.size) if path else imaging.encode_async(image, out.format, out.size))
-    headers = _headers(entry, meta)
+    extra: dict[str, Any] = {}
+    if mask is not None:
+        if out.format == "json":
+            extra["mask"] = await mask_json(mask[0], mask[1], out.size)
+            meta["mask_area"] = f"{extra['mask']['area']:.6f}"
+        else:
+            meta["mask_area"] = f"{imaging.mask_extent(mask[0], mask[1])[0]:.6f}"
+    headers = headers_for(entry, meta)
     if out.format == "json":
-        return JSONResponse({**imaging.as_json(enc), "model": entry.name, "meta": meta}, headers=headers)
+        return JSONResponse({**imaging.as_json(enc), "model": entry.name, "meta": meta, **extra}, headers=headers)
     return Response(enc.body, media_type=enc.media_type, headers=headers)

@@ -1,22 +1,31 @@
-"""Edits of uploaded images: move an attribute from a guide onto a content image, or remove attributes.
+"""Edits of uploaded images: move an attribute from a guide onto a content image, remove attributes, or (mask
+models) segment an attribute.
 
-Each is one `edit` job of the batcher: encode (one batched model call for the images of many requests) ->
-recombination of each request's codes by the core's `transfer_codes` / `remove_codes` -> decode (one batched call)."""
+Each is one `render` job of the batcher: encode (one batched model call for the images of many requests) -> the
+core's Edit of each request's codes (`transfer_edit`, `intersect_edit`, `remove_edit`) -> the core's `render` (one
+batched call). A plain model decodes the recombined codes; a mask model pastes the new attribute through its mask
+onto the uploaded image itself, and answers the masks that /segment and `include_mask` return."""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
-from models import Codes
+from models import Codes, Edit
+from models.disentangler import REMOVAL_THRESHOLD
 
 from .. import imaging
-from ..deps import AcceptHeader, RegistryDep, RemoveBody, SettingsDep, TransferBody, output
+from ..deps import AcceptHeader, RegistryDep, RemoveBody, SegmentBody, SettingsDep, TransferBody, output
 from ..errors import BadRequest
 from ..registry import LoadedModel
-from .common import IMAGE_RESPONSES, image_response
+from ..schemas import SegmentJSON
+from .common import IMAGE_RESPONSES, headers_for, image_response, mask_json
 
 router = APIRouter(tags=["edit"], responses=IMAGE_RESPONSES)
+
+TRANSFER_MASK_THRESHOLD = 0.5  # the area of a pasted attribute's mask counts the pixels mostly the new attribute's
 
 
 def _domain(entry: LoadedModel, name: str, what: str) -> int:
@@ -24,6 +33,19 @@ def _domain(entry: LoadedModel, name: str, what: str) -> int:
         return entry.config.domain_index(name)
     except ValueError as e:
         raise BadRequest(f"{what}: {e}") from None
+
+
+def _needs_mask(entry: LoadedModel, what: str) -> None:
+    """400 for a mask-only option on a plain model."""
+    if not entry.config.has_mask:
+        raise BadRequest(f"{what} needs a mask-variant model; {entry.name!r} is a {entry.config.variant} model "
+                         "(GET /models lists each model's variant)")
+
+
+def _which(entry: LoadedModel, attribute: str) -> int | None:
+    """None for auto (the detected domain), 0 (a), 1 (b) or 2 (both)."""
+    key = attribute.strip().lower()
+    return None if key == "auto" else 2 if key == "both" else _domain(entry, attribute, "attribute")
 
 
 @router.post("/transfer", response_class=Response, summary="Put the guide's attribute on the content image")
@@ -47,46 +69,92 @@ async def transfer(form: TransferBody, settings: SettingsDep, registry: Registry
     entry = registry.get(form.model)
     out = output(settings, form.format, accept, form.size)
     wanted = None if form.target is None else _domain(entry, form.target, "target")
+    if form.include_mask:
+        _needs_mask(entry, "include_mask")
 
     cfg, model = entry.config, entry.model
     x = await imaging.load_images(uploads, cfg.image_size, form.fit, settings.max_upload_bytes, settings.max_pixels)
     strength, keep = form.strength, form.keep
 
-    def recombine(codes: Codes) -> tuple[Codes, int | None]:  # runs in the model's thread, on its device
+    def plan(codes: Codes) -> tuple[Edit, int | None]:  # runs in the model's thread, on its device
         c = codes.index(slice(0, 1))
-        if intersection:
-            # G(E_c(c), s E_sA(guide_a), s E_sB(guide_b)) as two transfers: a's attribute, then b's keeping a's.
-            a, b = torch.zeros(1, dtype=torch.long, device=c.common.device), torch.ones(1, dtype=torch.long, device=c.common.device)
-            with_a = model.transfer_codes(c, codes.index(slice(1, 2)), a, strength, keep=False)
-            return model.transfer_codes(with_a, codes.index(slice(2, 3)), b, strength, keep=True), None
+        if intersection:  # G(E_c(c), s E_sA(guide_a), s E_sB(guide_b))
+            return model.intersect_edit(c, codes.index(slice(1, 2)), codes.index(slice(2, 3)), strength), None
         g = codes.index(slice(1, 2))
         detected = model.detect(g)
         to = detected if wanted is None else torch.full_like(detected, wanted)
-        return model.transfer_codes(c, g, to, strength, keep), int(detected[0])
+        return model.transfer_edit(c, g, to, strength, keep), int(detected[0])
 
-    image, detected = await entry.batcher.edit(x, recombine)
+    image, mask, detected = await entry.batcher.render(x, plan)
     if intersection:
         meta = {"target_domain": f"{cfg.domain_a}+{cfg.domain_b}"}
     else:
         meta = {"detected_domain": entry.domains[detected], "target_domain": entry.domains[detected if wanted is None else wanted]}
-    return await image_response(image[0], out, entry, meta)
+    shown = (mask[0], TRANSFER_MASK_THRESHOLD) if form.include_mask and mask is not None else None
+    return await image_response(image[0], out, entry, meta, mask=shown)
 
 
 @router.post("/remove-attribute", response_class=Response, summary="Remove the separate attribute(s) of an image")
 async def remove_attribute(form: RemoveBody, settings: SettingsDep, registry: RegistryDep, accept: AcceptHeader = None) -> Response:
-    """G(E_c(x), 0, E_sB(x)) (attribute a), G(E_c(x), E_sA(x), 0) (b), G(E_c(x), 0, 0) (both); header X-Removed."""
+    """Plain models: G(E_c(x), 0, E_sB(x)) (attribute a), G(E_c(x), E_sA(x), 0) (b), G(E_c(x), 0, 0) (both).
+    Mask models keep the upload's pixels and replace only where the attribute's mask exceeds `threshold` (or blend
+    by it with `soft`) with G(E_c(x), 0, 0). Header X-Removed."""
     entry = registry.get(form.model)
     out = output(settings, form.format, accept, form.size)
-    key = form.attribute.strip().lower()
-    which = None if key == "auto" else 2 if key == "both" else _domain(entry, form.attribute, "attribute")
+    which = _which(entry, form.attribute)
+    for given, what in ((form.threshold is not None, "threshold"), (form.soft is not None, "soft"), (form.include_mask, "include_mask")):
+        if given:
+            _needs_mask(entry, what)
+    threshold = REMOVAL_THRESHOLD if form.threshold is None else form.threshold
+    soft = bool(form.soft)
     cfg, model = entry.config, entry.model
     x = await imaging.load_images([("image", form.image)], cfg.image_size, form.fit, settings.max_upload_bytes, settings.max_pixels)
 
-    def recombine(codes: Codes) -> tuple[Codes, tuple[int, int]]:  # runs in the model's thread, on its device
+    def plan(codes: Codes) -> tuple[Edit, tuple[int, int]]:  # runs in the model's thread, on its device
         detected = model.detect(codes)
         dropped = detected if which is None else torch.full_like(detected, which)
-        return model.remove_codes(codes, dropped), (int(detected[0]), int(dropped[0]))
+        return model.remove_edit(codes, dropped, threshold, soft), (int(detected[0]), int(dropped[0]))
 
-    result, (detected, dropped) = await entry.batcher.edit(x, recombine)
+    result, mask, (detected, dropped) = await entry.batcher.render(x, plan)
     removed = "+".join(entry.domains) if dropped == 2 else entry.domains[dropped]
-    return await image_response(result[0], out, entry, {"detected_domain": entry.domains[detected], "removed": removed})
+    # the area of a hard removal counts the pixels it replaced; a soft one's, those mostly replaced
+    shown = (mask[0], 0.5 if soft else threshold) if form.include_mask and mask is not None else None
+    return await image_response(result[0], out, entry, {"detected_domain": entry.domains[detected], "removed": removed}, mask=shown)
+
+
+SEGMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the mask as a grayscale image (PNG unless format= or Accept asks for another), or SegmentJSON",
+          "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "application/json": {}}, "model": SegmentJSON},
+}
+
+
+@router.post("/segment", response_class=Response, responses=SEGMENT_RESPONSES, summary="The attribute mask of an image (mask models)")
+async def segment(form: SegmentBody, settings: SettingsDep, registry: RegistryDep, accept: AcceptHeader = None) -> Response:
+    """The mask model's weakly supervised segmentation: where the image shows the attribute of domain `attribute`
+    (auto: the detected domain; both: either). A grayscale image (255 = attribute) at the model's resolution or
+    `size`; as JSON (SegmentJSON) the PNG in base64 with the area and bounding box of the pixels above `threshold`.
+    Headers X-Detected-Domain, X-Attribute, X-Mask-Area. A plain model answers 400."""
+    entry = registry.get(form.model)
+    _needs_mask(entry, "/segment")
+    out = output(settings, form.format, accept, form.size)
+    which = _which(entry, form.attribute)
+    model = entry.model
+    x = await imaging.load_images([("image", form.image)], entry.config.image_size, form.fit, settings.max_upload_bytes,
+                                  settings.max_pixels)
+
+    def plan(codes: Codes) -> tuple[Edit, tuple[int, int]]:  # the mask of a removal is the attribute's mask
+        detected = model.detect(codes)
+        segmented = detected if which is None else torch.full_like(detected, which)
+        return model.remove_edit(codes, segmented), (int(detected[0]), int(segmented[0]))
+
+    _, mask, (detected, segmented) = await entry.batcher.render(x, plan)
+    assert mask is not None  # a mask model
+    meta = {"detected_domain": entry.domains[detected],
+            "attribute": "+".join(entry.domains) if segmented == 2 else entry.domains[segmented]}
+    if out.format == "json":
+        body = await mask_json(mask[0], form.threshold, out.size)
+        meta["mask_area"] = f"{body['area']:.6f}"
+        return JSONResponse({**body, "model": entry.name, "meta": meta}, headers=headers_for(entry, meta))
+    enc = await imaging.encode_mask_async(mask[0], out.format, out.size)
+    meta["mask_area"] = f"{imaging.mask_extent(mask[0], form.threshold)[0]:.6f}"
+    return Response(enc.body, media_type=enc.media_type, headers=headers_for(entry, meta))
