@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.utils import parametrize
 
 import models
 from models import CheckpointError, Disentangler
+from models.networks import bake_spectral_norm
 
 from .batcher import Batcher
 from .errors import UnknownModel
@@ -30,18 +30,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError(f"--device {name}: CUDA is not available on this machine")
     return torch.device(name)
-
-
-def bake_spectral_norm(model: Disentangler) -> Disentangler:
-    """Replace each spectral-norm parametrisation by the weight it yields in eval mode (W / sigma), so inference
-    stops recomputing sigma for every layer on every call. Outputs are unchanged; the model must be in eval mode
-    (in training mode the parametrisation would run a power iteration first)."""
-    assert not model.training
-    for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    return model
 
 
 @dataclass

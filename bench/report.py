@@ -39,7 +39,11 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def write_section(name: str, title: str, body: str, doc: Path = DOC) -> Path:
-    """Replace (or append) the section `name` of docs/benchmarks.md with `body`, stamped with command, machine, date."""
+    """Replace (or append) the section `name` of docs/benchmarks.md with `body`, stamped with command, machine, date.
+
+    On a machine with CUDA the section is `name-gpu`, so the CPU and GPU tables of one benchmark stand side by side."""
+    if torch.cuda.is_available():
+        name, title = f"{name}-gpu", f"{title} (GPU)"
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=doc.parent).stdout.strip()
     except OSError:

@@ -1,7 +1,7 @@
 """Training throughput: images per second of one full training step (discriminator + encoders/decoder), inputs
 already on the device, for the published 128 px architecture at batch 32 and the slim preset.
 
-    python -m bench.training [--device auto] [--steps 20] [--configs paper:128:32 slim:128:32]
+    python -m bench.training [--device auto] [--steps 20] [--configs paper:128:32 slim:128:32] [--precision both]
 
 The published code's anchor on one H100 (fp32 eager, inputs on the GPU): 45.5 ms per step of 32+32 images,
 1,407 images/s."""
@@ -49,18 +49,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--configs", nargs="+", default=["paper:128:32", "slim:128:32", "slim:64:32"],
                    help="WIDTH:SIZE:BATCH entries (batch per domain)")
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA instead of bf16 autocast")
+    p.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both",
+                   help="on CUDA: fp32, bf16 autocast (what training uses) or both (default); the CPU runs fp32")
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
-    precision = "bf16 autocast" if device.type == "cuda" and args.amp else "fp32"
+    amps = [False] if device.type != "cuda" else {"both": [False, True], "fp32": [False], "bf16": [True]}[args.precision]
     rows = []
     for spec in args.configs:
         width, size, batch = spec.split(":")
-        r = measure(width, int(size), int(batch), device, args.steps, args.amp)
-        vs = f"{r['images_per_s'] / PUBLISHED_H100_IMAGES_PER_S:.2f}x" if device.type == "cuda" and spec == "paper:128:32" else "n/a"
-        rows.append([width, size, f"{batch}+{batch}", f"{r['params_m']:.1f}", precision, f"{r['ms_per_step']:.1f}",
-                     f"{r['images_per_s']:.1f}", vs])
-        print(rows[-1], flush=True)
+        for amp in amps:
+            r = measure(width, int(size), int(batch), device, args.steps, amp)
+            vs = f"{r['images_per_s'] / PUBLISHED_H100_IMAGES_PER_S:.2f}x" if device.type == "cuda" and spec == "paper:128:32" else "n/a"
+            rows.append([width, size, f"{batch}+{batch}", f"{r['params_m']:.1f}", "bf16 autocast" if amp else "fp32",
+                         f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.1f}", vs])
+            print(rows[-1], flush=True)
     body = table(["width", "px", "batch (a+b)", "params (M, with disc)", "precision", "ms/step", "images/s",
                   "vs published code on one H100 (1,407 images/s)"], rows)
     note = ("\nInputs are already on the device; one step = discriminator update + encoder/decoder update. The ratio "

@@ -57,6 +57,21 @@ def versions() -> dict[str, str]:
     return {"did": v("did"), "torch": torch.__version__, "safetensors": v("safetensors"), "python": platform.python_version()}
 
 
+def write_tensors(state: dict[str, torch.Tensor], path: Path, fmt: str = FORMAT) -> None:
+    """Write a safetensors file atomically (temporary name, then rename), readable by a service running as another user."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": fmt})
+    tmp.chmod(0o644)
+    tmp.replace(path)
+
+
+def write_card(card: dict[str, Any], path: Path) -> None:
+    """Write a JSON card atomically; written after its tensor file, so a reader never sees a card without tensors."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def save(
     model: Disentangler,
     path: str | Path,
@@ -75,10 +90,7 @@ def save(
     card_path, tensor_path = paths(path)
     card_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
-    tmp = tensor_path.with_name(tensor_path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT})
-    tmp.chmod(0o644)  # readable by a service running as another user
-    tmp.replace(tensor_path)
+    write_tensors(state, tensor_path)
     card = {
         "format": FORMAT,
         "name": card_path.stem,
@@ -97,9 +109,7 @@ def save(
         "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    tmp = card_path.with_name(card_path.name + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    tmp.replace(card_path)
+    write_card(card, card_path)
     return card_path
 
 

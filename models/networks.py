@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 from .config import ModelConfig
@@ -85,3 +86,15 @@ class LatentDiscriminator(nn.Module):
 
     def forward(self, common: torch.Tensor) -> torch.Tensor:
         return self.net(common).squeeze(1)
+
+
+def bake_spectral_norm(model: nn.Module) -> nn.Module:
+    """Replace each spectral-norm parametrisation by the weight it yields in eval mode (W / sigma), so inference
+    stops recomputing sigma for every layer on every call. Outputs are unchanged; the model must be in eval mode
+    (in training mode the parametrisation would run a power iteration first)."""
+    assert not model.training
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model

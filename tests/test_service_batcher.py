@@ -17,7 +17,7 @@ from app.batcher import Batcher
 from app.errors import NotReady, Overloaded
 from app.main import create_app
 from app.metrics import Metrics
-from app.registry import bake_spectral_norm
+from models.networks import bake_spectral_norm
 from app.settings import Settings
 
 from .conftest import draw_face, encode_image

@@ -144,6 +144,47 @@ def run_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import evaluate, judge
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.n < 2:
+        raise ValueError("--n must be at least 2")
+    model = evaluate.load_model(args.model, device)
+    if args.data == "celeba":
+        if args.root is None:
+            raise ValueError("--data celeba needs --root (the CelebA folder)")
+        result = evaluate.evaluate_celeba(model, judge.load(args.judge, device), root=args.root, n=args.n,
+                                          batch=args.batch, model_path=args.model, judge_path=args.judge)
+    else:
+        result = evaluate.evaluate(model, judge.load(args.judge, device), n=args.n, seed=args.seed, batch=args.batch,
+                                   model_path=args.model, judge_path=args.judge)
+    if args.json:
+        evaluate.write(result, args.json)
+        print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
+    print(evaluate.markdown([result]), end="")
+    if args.figures:
+        from .figures import evaluation_figures
+
+        for path in evaluation_figures(model, args.figures, seed=args.seed):
+            print(f"wrote {path}")
+    return 0
+
+
+def run_judge_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .judge import train_and_save
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    card = train_and_save(args.out, steps=args.steps, batch=args.batch_size, device=device, test_n=args.test_n,
+                          progress=args.progress)
+    print(f"wrote {card}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="did", description="Domain intersection and domain difference: train, preview data, serve.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -160,6 +201,29 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--seed", type=int, default=0)
     pv.add_argument("--out", type=Path, default=Path("preview.png"))
     pv.set_defaults(func=run_preview)
+
+    ev = sub.add_parser("eval", help="measure a checkpoint: membership, removal, ground truth, KID/FID, similarity, masks")
+    ev.add_argument("--model", type=Path, required=True, help="checkpoint (DIR/NAME, NAME.json or a run directory)")
+    ev.add_argument("--data", choices=("synthetic", "celeba"), default="synthetic")
+    ev.add_argument("--root", type=Path, help="CelebA root (--data celeba): its test split is used")
+    ev.add_argument("--judge", type=Path, default=Path("weights/judge/judge"), help="attribute classifier (default weights/judge/judge)")
+    ev.add_argument("--n", type=int, default=512, help="test images per domain (default 512)")
+    ev.add_argument("--seed", type=int, default=7919, help="synthetic test seed (default 7919, never used in training)")
+    ev.add_argument("--batch", type=int, default=64)
+    ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    ev.add_argument("--json", type=Path, help="write the results here (and a markdown table beside it, .md)")
+    ev.add_argument("--figures", type=Path, help="write the transfer grids, intersection, removal and interpolation figures here")
+    ev.set_defaults(func=run_eval)
+
+    jd = sub.add_parser("judge", help="the attribute classifier of the evaluation").add_subparsers(dest="judge_command", required=True)
+    jt = jd.add_parser("train", help="train the judge on labelled synthetic renders and record its test accuracy")
+    jt.add_argument("--out", type=Path, default=Path("weights/judge/judge"), help="checkpoint path (NAME.json + NAME.safetensors)")
+    jt.add_argument("--steps", type=int, default=1500)
+    jt.add_argument("--batch-size", type=int, default=128)
+    jt.add_argument("--test-n", type=int, default=2000, help="clean test renders per size for the reported accuracy")
+    jt.add_argument("--device", default="auto")
+    jt.add_argument("--no-progress", dest="progress", action="store_false")
+    jt.set_defaults(func=run_judge_train)
 
     sv = sub.add_parser("serve", help="serve every checkpoint of a weights directory over HTTP (other settings: DID_* variables)")
     sv.add_argument("--host", help="bind address (default 127.0.0.1)")

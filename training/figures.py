@@ -2,10 +2,12 @@
 Figure 2 of Benaim et al.), removal rows and interpolation strips. Used for training samples and evaluation."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from models.disentangler import Disentangler
-from models.images import grid
+from models.images import grid, save_grid
 
 
 @torch.no_grad()
@@ -46,3 +48,48 @@ def training_sample(model: Disentangler, a: torch.Tensor, b: torch.Tensor) -> to
     width = max(p.shape[2] for p in parts)
     padded = [torch.nn.functional.pad(p, (0, width - p.shape[2], 0, 8), value=1.0) for p in parts]
     return torch.cat(padded, dim=1)
+
+
+@torch.no_grad()
+def intersection_row(model: Disentangler, contents: torch.Tensor, guides_a: torch.Tensor, guides_b: torch.Tensor) -> torch.Tensor:
+    """(3, H, W): columns content | a-guide | b-guide | G(E_c(content), E_sA(a-guide), E_sB(b-guide)), one row each."""
+    out = model.intersect(contents, guides_a, guides_b)
+    rows = torch.stack([contents, guides_a, guides_b, out], dim=1).flatten(0, 1)
+    return grid(rows.float().cpu(), nrow=4)
+
+
+@torch.no_grad()
+def mask_rows(model: Disentangler, images: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) for mask models: the inputs, their attribute masks (white = attribute) and their removals."""
+    masks = model.segment(images, "auto").expand(-1, 3, -1, -1) * 2 - 1
+    rows = [images, masks, model.remove(images, "both")]
+    return grid(torch.cat(rows).float().cpu(), nrow=images.shape[0])
+
+
+def evaluation_figures(model: Disentangler, out_dir: str | Path, seed: int = 7919, n: int = 6) -> list[Path]:
+    """The papers' figures for one synthetic-benchmark model, on test faces: transfer grids in both directions,
+    the intersection, removal rows and interpolation strips (and input | mask | edit rows for mask models).
+    Files are named after the model's pair; returns their paths."""
+    from . import synthetic
+    from .evaluate import synthetic_pair
+
+    pair = synthetic_pair(model)
+    size = model.config.image_size
+    dev = model.device
+    a = synthetic.render_domain(pair, "a", torch.arange(n), size, seed, dev)
+    b = synthetic.render_domain(pair, "b", torch.arange(n, 2 * n), size, seed, dev)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {
+        f"{pair}_transfer_to_b.png": transfer_grid(model, a, b[:4], target=1),
+        f"{pair}_transfer_to_a.png": transfer_grid(model, b, a[:4], target=0),
+        f"{pair}_intersection.png": intersection_row(model, b[:4], a.roll(1, 0)[:4], b.roll(2, 0)[:4]),
+        f"{pair}_removal.png": removal_rows(model, torch.cat([a[:3], b[:3]])),
+        f"{pair}_interpolation.png": interpolation_strips(model, a[:1], b[:1], steps=8),
+    }
+    if model.config.variant == "mask":
+        figures[f"{pair}_mask.png"] = mask_rows(model, torch.cat([a[:3], b[:3]]))
+    paths = []
+    for name, image in figures.items():
+        paths.append(save_grid(image[None], out / name))
+    return paths

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# One GPU, one command: trains the shipped checkpoints (smile_glasses, beard_smile, beard_glasses and the
+# smile_glasses mask model, 128 px, slim widths, fp16 storage), the loss ablation of smile_glasses and the judge,
+# all at once on the one GPU (each training is a separate process with the same time budget), then runs the GPU
+# benchmarks on the idle GPU. Every run writes into $OUT/<name>/ (checkpoint, log.jsonl, samples/).
+#
+#   OUT=runs/release MINUTES=5 bash bench/release_gpu.sh
+#
+# MINUTES is the training time of every run (--max-minutes; each stops and saves at the first log step past it).
+# ADV is the common-space adversary weight of the shipped plain models; the published 0.001 is trained beside
+# it as `published_adv` for comparison. RUNS picks the trainings (default: all eight). EVAL=0 skips the
+# evaluation, BENCH=0 the benchmarks, HTTP=0 the HTTP one. PACK=DIR puts everything into a few tar files there.
+set -u -o pipefail
+OUT=${OUT:-runs/release}
+MINUTES=${MINUTES:-5}
+SIZE=${SIZE:-128}
+ADV=${ADV:-0.02}
+LR=${LR:-0.0005}
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+JUDGE_STEPS=${JUDGE_STEPS:-3000}
+BENCH=${BENCH:-1}
+HTTP=${HTTP:-1}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+
+common=(--data synthetic --image-size "$SIZE" --width slim --steps 10000000 --max-minutes "$MINUTES" --lr "$LR" --device "$DEVICE"
+        --save-dtype float16 --no-progress --log-every "${LOG_EVERY:-100}" --sample-every 2500 --checkpoint-every 2500)
+
+run() {  # run NAME FLAGS...: one training in the background, its output in $OUT/NAME.log
+    local name=$1; shift
+    "$PY" -m training "${common[@]}" --out "$OUT/$name" "$@" >"$OUT/$name.log" 2>&1 &
+    echo "started $name (pid $!): $*"
+}
+
+date -u +"start %FT%TZ"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+declare -A FLAGS=(
+    [smile_glasses]="--pair smile_glasses --adv-weight $ADV"
+    [beard_smile]="--pair beard_smile --adv-weight $ADV"
+    [beard_glasses]="--pair beard_glasses --adv-weight $ADV"
+    [smile_glasses_mask]="--pair smile_glasses --variant mask"
+    [ablation_no_zero]="--pair smile_glasses --adv-weight $ADV --zero-weight 0"
+    [ablation_no_adv]="--pair smile_glasses --adv-weight 0"
+    [ablation_neither]="--pair smile_glasses --adv-weight 0 --zero-weight 0"
+    [published_adv]="--pair smile_glasses --adv-weight 0.001"
+)
+RUNS=${RUNS:-smile_glasses beard_smile beard_glasses smile_glasses_mask ablation_no_zero ablation_no_adv ablation_neither published_adv}
+for name in $RUNS; do
+    # shellcheck disable=SC2086  # the flags are meant to split into words
+    run "$name" ${FLAGS[$name]}
+done
+"$PY" -c "import sys; from training.cli import main; sys.exit(main(sys.argv[1:]))" judge train --device "$DEVICE" \
+    --steps "$JUDGE_STEPS" --batch-size 128 --out "$OUT/judge/judge" --no-progress >"$OUT/judge.log" 2>&1 &
+echo "started judge (pid $!)"
+
+failed=0
+for job in $(jobs -p); do wait "$job" || failed=$((failed + 1)); done
+date -u +"training done %FT%TZ ($failed failed)"
+for f in "$OUT"/*.log; do echo "== $f"; tail -n 3 "$f"; done
+for d in "$OUT"/*/; do [ -f "$d/log.jsonl" ] && echo "$(basename "$d"): $(tail -n 1 "$d/log.jsonl")"; done
+
+# PACK=DIR: checkpoints and logs in at most 5 files of under 16 MB (checkpoints two runs per archive), for a copy off the machine.
+if [ -n "${PACK:-}" ]; then
+    mkdir -p "$PACK"
+    (cd "$OUT" && tar cf "$PACK/meta.tar" --exclude='*.safetensors' --exclude='train_state.pt' --exclude=http_weights . )
+    i=0
+    for group in "smile_glasses smile_glasses_mask judge" "beard_smile beard_glasses" "ablation_no_zero ablation_no_adv" \
+                 "ablation_neither published_adv"; do
+        files=()
+        for name in $group; do
+            if [ "$name" = judge ]; then [ -d "$OUT/judge" ] && files+=(judge); else for f in "$OUT/$name"/model.*; do [ -f "$f" ] && files+=("$name/$(basename "$f")"); done; fi
+        done
+        i=$((i + 1))
+        [ ${#files[@]} -gt 0 ] && (cd "$OUT" && tar cf "$PACK/ckpt_$i.tar" "${files[@]}")
+    done
+    ls -la "$PACK"
+fi
+
+# Evaluation of every run on the GPU (test seed 7919), figures for the shipped ones.
+if [ "${EVAL:-1}" = 1 ] && [ -f "$OUT/judge/judge.json" ]; then
+    for d in "$OUT"/*/; do
+        name=$(basename "$d")
+        [ -f "$d/model.json" ] || continue
+        figs=(); case $name in smile_glasses|beard_smile|beard_glasses|smile_glasses_mask) figs=(--figures "$OUT/figures/$name");; esac
+        timeout 120 "$PY" -c "import sys; from training.cli import main; sys.exit(main(sys.argv[1:]))" eval \
+            --model "$d" --judge "$OUT/judge/judge" --n "${EVAL_N:-512}" --device "$DEVICE" --json "$OUT/eval/$name.json" \
+            "${figs[@]}" >"$OUT/eval_$name.log" 2>&1 || echo "eval of $name failed: $(tail -n 2 "$OUT/eval_$name.log")"
+    done
+    date -u +"evaluation done %FT%TZ"
+fi
+
+if [ "$BENCH" = 1 ]; then
+    "$PY" -m bench.training --steps 30 --configs paper:128:32 slim:128:32 2>&1 | tail -n 8
+    [ -n "${PACK:-}" ] && cp docs/benchmarks.md "$PACK/benchmarks.md"
+    "$PY" -m bench.inference --configs paper:128 slim:128 --batches 1 256 --seconds 1 2>&1 | tail -n 16
+    [ -n "${PACK:-}" ] && cp docs/benchmarks.md "$PACK/benchmarks.md"
+    if [ "$HTTP" = 1 ] && [ -f "$OUT/smile_glasses/model.json" ]; then
+        mkdir -p "$OUT/http_weights"
+        cp "$OUT/smile_glasses/model.json" "$OUT/http_weights/smile_glasses.json"
+        cp "$OUT/smile_glasses/model.safetensors" "$OUT/http_weights/smile_glasses.safetensors"
+        sed -i 's/"file": "model.safetensors"/"file": "smile_glasses.safetensors"/' "$OUT/http_weights/smile_glasses.json"
+        timeout 200 "$PY" -m bench.http_load --weights "$OUT/http_weights" --concurrency 1 16 64 --requests 3000 \
+            --seconds 8 2>&1 | tail -n 12
+    fi
+fi
+date -u +"end %FT%TZ"
+if [ -n "${PACK:-}" ]; then
+    (cd "$OUT" && tar cf "$PACK/eval.tar" eval figures ./*.log 2>/dev/null)
+    cp docs/benchmarks.md "$PACK/benchmarks.md"
+fi

@@ -1,0 +1,166 @@
+"""The evaluation: metric functions against hand-computed values, the judge's training step and checkpoint, and
+`did eval` end to end on a tiny model."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from models import Disentangler, preset
+from training import judge as judge_mod
+from training import metrics
+from training.cli import main as did
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------
+
+
+def test_psnr_and_l1_of_known_images():
+    x = torch.zeros(2, 3, 8, 8)  # 0.5 grey on the [0, 1] scale
+    y = x + 0.1  # 0.05 brighter on the [0, 1] scale: MSE 0.0025, PSNR 10 log10(1 / 0.0025) = 26.0206 dB
+    assert metrics.psnr(x, y).tolist() == pytest.approx([26.0206] * 2, abs=1e-4)
+    assert metrics.l1(x, y).tolist() == pytest.approx([0.05, 0.05])
+    assert metrics.psnr(x, x).tolist() == [100.0, 100.0]
+
+
+def test_masked_psnr_counts_only_the_masked_pixels():
+    x = torch.zeros(1, 3, 4, 4)
+    y = x.clone()
+    y[..., :2, :] = 1.0  # top half off by 0.5 on the [0, 1] scale
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 2:, :] = 1  # only the bottom half, which is equal
+    assert metrics.psnr(x, y, mask=mask).item() == 100.0
+    top = 1 - mask
+    assert metrics.psnr(x, y, mask=top).item() == pytest.approx(10 * math.log10(1 / 0.25))
+    assert math.isnan(metrics.psnr(x, y, mask=torch.zeros_like(mask)).item())
+
+
+def test_kid_and_fid_of_identical_sets_are_near_zero_and_grow_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 16, generator=g)
+    kid_same, _ = metrics.kid(a, a.clone(), subset_size=200)
+    assert abs(metrics.fid(a, a.clone())) < 1e-6
+    shifted = a + 1.0  # same covariance, mean moved by 1 in each of 16 dimensions: FID = 16
+    assert metrics.fid(a, shifted) == pytest.approx(16.0, rel=1e-6)
+    kid_far, _ = metrics.kid(a, shifted, subset_size=200)
+    assert kid_far > 1.0
+    assert abs(kid_same) < 0.02 * kid_far  # the unbiased estimate scatters around 0 by O(kernel / subset size)
+
+
+def test_cosine_and_iou():
+    assert metrics.cosine(torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0]])).item() == pytest.approx(1.0)
+    assert metrics.cosine(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]])).item() == pytest.approx(0.0)
+    p = torch.zeros(1, 1, 2, 2, dtype=torch.bool)
+    t = p.clone()
+    p[0, 0, 0, :] = True  # 2 pixels
+    t[0, 0, :, 0] = True  # 2 pixels, 1 shared: IoU 1/3
+    assert metrics.iou(p, t).item() == pytest.approx(1 / 3)
+    assert metrics.iou(torch.zeros_like(p), torch.zeros_like(t)).item() == 1.0
+
+
+# --- judge ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A judge after a few training steps, saved: enough to exercise the pipeline, not to judge anything."""
+    judge = judge_mod.train_judge(steps=3, batch=8, progress=False)
+    path = tmp_path_factory.mktemp("judge") / "judge"
+    return judge_mod.save(judge, path, training={"steps": 3}, metrics={})
+
+
+def test_judge_training_step_reduces_the_loss_on_its_batch():
+    torch.manual_seed(0)
+    judge = judge_mod.Judge()
+    x, y = next(judge_mod.synthetic_batches(16, 64))
+    opt = torch.optim.Adam(judge.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(judge(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert judge.features(x).shape == (16, judge.config.feature_size)
+
+
+def test_judge_labels_match_the_rendered_attributes():
+    x, y = judge_mod.synthetic_test_set(8, 64)
+    assert x.shape == (8, 3, 64, 64) and y.shape == (8, 3)
+    assert y.dtype == torch.bool and 0 < y.sum() < y.numel()
+
+
+def test_judge_checkpoint_round_trip_and_tamper_check(tiny_judge: Path):
+    loaded = judge_mod.load(tiny_judge)
+    again = judge_mod.load(tiny_judge)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    assert torch.equal(loaded(x), again(x))
+    tensors = tiny_judge.with_suffix(".safetensors")
+    tensors.write_bytes(tensors.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(models.CheckpointError, match="sha256"):
+        judge_mod.load(tiny_judge)
+
+
+# --- did eval ---------------------------------------------------------------------------------------------------
+
+EVAL_KEYS = ("membership", "removal", "gt_psnr", "gt_l1", "gt_remove", "recon_psnr", "kid", "fid", "extractor",
+             "similarity", "intersection", "outside_psnr", "model", "judge", "data")
+
+
+def _tiny_model(tmp: Path, variant: str = "plain") -> Path:
+    torch.manual_seed(0)
+    cfg = preset("tiny", image_size=64, domain_a="smile", domain_b="glasses", variant=variant)
+    return models.save(Disentangler(cfg), tmp / f"tiny_{variant}")
+
+
+@pytest.fixture(scope="module")
+def judge_for_eval(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    judge = judge_mod.train_judge(steps=2, batch=8, progress=False)
+    return judge_mod.save(judge, tmp_path_factory.mktemp("judge_eval") / "judge", training={"steps": 2}, metrics={})
+
+
+def test_did_eval_writes_every_key(tmp_path: Path, judge_for_eval: Path, capsys: pytest.CaptureFixture):
+    card = _tiny_model(tmp_path)
+    out = tmp_path / "eval.json"
+    figs = tmp_path / "figs"
+    assert did(["eval", "--model", str(card), "--judge", str(judge_for_eval), "--n", "16", "--device", "cpu",
+                "--json", str(out), "--figures", str(figs)]) == 0
+    result = json.loads(out.read_text())
+    for key in EVAL_KEYS:
+        assert key in result, key
+    assert set(result["membership"]) == {"a_to_b", "b_to_a"}
+    for rate in (*result["membership"].values(), *result["removal"].values()):
+        assert 0.0 <= rate <= 1.0
+    assert result["data"]["n"] == 16 and result["data"]["seed"] == 7919
+    assert result["model"]["sha256"] == json.loads(card.read_text())["tensors"]["sha256"]
+    assert all(math.isfinite(v) for v in result["gt_psnr"].values())
+    assert "mask_iou" not in result
+    assert out.with_suffix(".md").read_text().startswith("| model |")
+    assert {p.name for p in figs.iterdir()} >= {"smile_glasses_transfer_to_b.png", "smile_glasses_removal.png",
+                                                 "smile_glasses_intersection.png", "smile_glasses_interpolation.png"}
+    assert "membership" in capsys.readouterr().out
+
+
+def test_did_eval_refuses_a_model_of_no_benchmark_pair(tmp_path: Path, judge_for_eval: Path, capsys: pytest.CaptureFixture):
+    card = models.save(Disentangler(preset("tiny", image_size=64, domain_a="cats", domain_b="dogs")), tmp_path / "cd")
+    assert did(["eval", "--model", str(card), "--judge", str(judge_for_eval), "--n", "4", "--device", "cpu"]) == 2
+    assert "not a synthetic benchmark pair" in capsys.readouterr().err
+
+
+def test_did_eval_on_a_mask_model_adds_mask_iou(tmp_path: Path, judge_for_eval: Path):
+    if "mask" not in models.config.VARIANTS:
+        pytest.skip("mask variant not available")
+    card = _tiny_model(tmp_path, "mask")
+    out = tmp_path / "mask.json"
+    assert did(["eval", "--model", str(card), "--judge", str(judge_for_eval), "--n", "8", "--device", "cpu",
+                "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["mask_iou"]) == {"a", "b"}
+    for v in result["mask_iou"].values():
+        assert 0.0 <= v["at_0.5"] <= v["best"] <= 1.0
+    assert set(result["outside_psnr"]) >= {"a_to_b", "b_to_a"}

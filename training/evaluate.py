@@ -1,0 +1,241 @@
+"""`did eval`: the papers' Table 1 (membership of translated images, judged by an independent classifier), removal,
+ground-truth errors on the synthetic benchmark, reconstruction, KID/FID, identity similarity, and for mask models
+mask IoU and the untouched pixels outside the attribute.
+
+Every number in the output comes with what it was computed on: the image counts, the seeds, the model's and the
+judge's sha256, and the feature extractor behind KID/FID. Test faces come from the benchmark's test seed (7919),
+which no training run uses.
+
+Directions are named by the content's domain: `a_to_b` takes domain-a images (attribute x on, y off) and gives
+them the guide's y while removing their x; `b_to_a` the other way round.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from models import checkpoint
+from models.disentangler import Disentangler
+
+from . import metrics, synthetic
+from .judge import Judge
+
+log = logging.getLogger("did.eval")
+
+FORMAT = "did-eval/1"
+EXTRACTOR = "judge penultimate features (256-d; no Inception weights are available offline)"
+MASK_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def synthetic_pair(model: Disentangler) -> str:
+    """The benchmark pair a model was trained on, from its domain names."""
+    domains = (model.config.domain_a, model.config.domain_b)
+    for name, attrs in synthetic.PAIRS.items():
+        if attrs == domains:
+            return name
+    raise ValueError(f"model domains {domains} are not a synthetic benchmark pair ({', '.join(synthetic.PAIRS)})")
+
+
+def _chunked(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """fn over aligned chunks of `tensors` on `device`; results gathered on the CPU in float32."""
+    n = tensors[0].shape[0]
+    out = []
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            out.append(fn(*(t[i : i + batch].to(device) for t in tensors)).float().cpu())
+    return torch.cat(out)
+
+
+def _mean(t: torch.Tensor) -> float:
+    t = t.double()
+    t = t[~torch.isnan(t)]
+    return round(t.mean().item(), 5) if t.numel() else float("nan")
+
+
+def _rate(t: torch.Tensor) -> float:
+    return round(t.float().mean().item(), 5)
+
+
+class _Scorer:
+    """Judge calls on the CPU or the model's device, with the features kept for KID/FID/similarity."""
+
+    def __init__(self, judge: Judge, device: torch.device, batch: int):
+        self.judge, self.device, self.batch = judge.to(device).eval(), device, batch
+
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = _chunked(self.judge, x, batch=self.batch, device=self.device)
+        return {name: logits[:, i] > 0 for i, name in enumerate(self.judge.config.attributes)}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return _chunked(self.judge.features, x, batch=self.batch, device=self.device)
+
+
+def _distribution(scorer: _Scorer, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+    fr, ff = scorer.features(real), scorer.features(fake)
+    k_mean, k_std = metrics.kid(fr, ff, subset_size=min(1000, len(fr)))
+    return {"kid": round(k_mean, 6), "kid_std": round(k_std, 6), "fid": round(metrics.fid(fr, ff), 4)}
+
+
+def evaluate(model: Disentangler, judge: Judge, *, n: int = 512, seed: int = synthetic.TEST_SEED, batch: int = 64,
+             device: torch.device | str | None = None, model_path: str | Path | None = None,
+             judge_path: str | Path | None = None) -> dict[str, Any]:
+    """All metrics of `model` on `n` test faces per domain of its synthetic pair."""
+    start = time.perf_counter()
+    dev = torch.device(device) if device is not None else model.device
+    model = model.to(dev).eval()
+    pair = synthetic_pair(model)
+    x_attr, y_attr = synthetic.PAIRS[pair]
+    size = model.config.image_size
+    scorer = _Scorer(judge, dev, batch)
+
+    def faces(block: int, present: dict[str, bool]) -> synthetic.Faces:
+        return synthetic.sample_faces(torch.arange(block * n, (block + 1) * n), seed, present)
+
+    only = lambda attr: {a: a == attr for a in synthetic.ATTRIBUTES}  # noqa: E731
+    fa, fb = faces(0, only(x_attr)), faces(1, only(y_attr))  # contents (and each other's guides)
+    ra, rb = faces(2, only(x_attr)), faces(3, only(y_attr))  # unseen real images of each domain, for KID/FID
+    clean = faces(4, only(""))  # faces with no attribute: the reference of removal
+    render = lambda f: torch.cat([synthetic.render(f.index(slice(i, i + 256)), size) for i in range(0, n, 256)])  # noqa: E731
+    img_a, img_b, real_a, real_b, real_clean = map(render, (fa, fb, ra, rb, clean))
+
+    # Ground truths: a's face with b's y and no x, b's face with a's x and no y, each with nothing.
+    gt_ab, gt_ba = render(fa.edit(**{x_attr: False, y_attr: fb})), render(fb.edit(**{y_attr: False, x_attr: fa}))
+    gt_rm_a, gt_rm_b = render(fa.edit(**{x_attr: False})), render(fb.edit(**{y_attr: False}))
+
+    out_ab = _chunked(lambda c, g: model.transfer(c, g, target=1), img_a, img_b, batch=batch, device=dev)
+    out_ba = _chunked(lambda c, g: model.transfer(c, g, target=0), img_b, img_a, batch=batch, device=dev)
+    rm_a = _chunked(lambda x: model.remove(x, "both"), img_a, batch=batch, device=dev)
+    rm_b = _chunked(lambda x: model.remove(x, "both"), img_b, batch=batch, device=dev)
+    rec_a = _chunked(model.reconstruct, img_a, batch=batch, device=dev)
+    rec_b = _chunked(model.reconstruct, img_b, batch=batch, device=dev)
+    # Intersection: a's face (x removed) with x from another a-face and y from a b-face.
+    guide_x = img_a.roll(1, dims=0)
+    inter = _chunked(lambda c, ga, gb: model.intersect(c, ga, gb), img_a, guide_x, img_b, batch=batch, device=dev)
+    gt_inter = render(fa.edit(**{x_attr: fa.index(torch.arange(n).roll(1)), y_attr: fb}))
+
+    p_ab, p_ba, p_rm_a, p_rm_b, p_inter = map(scorer.predict, (out_ab, out_ba, rm_a, rm_b, inter))
+    judge_rates = {
+        "a_to_b": {"has_guide_attribute": _rate(p_ab[y_attr]), "lost_own_attribute": _rate(~p_ab[x_attr])},
+        "b_to_a": {"has_guide_attribute": _rate(p_ba[x_attr]), "lost_own_attribute": _rate(~p_ba[y_attr])},
+    }
+    result: dict[str, Any] = {
+        "format": FORMAT,
+        "model": _model_info(model, model_path, pair),
+        "judge": _judge_info(judge, judge_path),
+        "data": {"source": "synthetic", "pair": pair, "seed": seed, "n": n, "image_size": size,
+                 "blocks": "contents a: faces [0, n), contents b: [n, 2n), KID/FID references: [2n, 5n) of the seed"},
+        "directions": {"a_to_b": f"{x_attr} -> {y_attr}", "b_to_a": f"{y_attr} -> {x_attr}"},
+        "membership": {"a_to_b": _rate(p_ab[y_attr] & ~p_ab[x_attr]), "b_to_a": _rate(p_ba[x_attr] & ~p_ba[y_attr])},
+        "judge_rates": judge_rates,
+        "removal": {"a": _rate(~p_rm_a[x_attr] & ~p_rm_a[y_attr]), "b": _rate(~p_rm_b[x_attr] & ~p_rm_b[y_attr])},
+        "gt_psnr": {"a_to_b": _mean(metrics.psnr(out_ab, gt_ab)), "b_to_a": _mean(metrics.psnr(out_ba, gt_ba))},
+        "gt_l1": {"a_to_b": _mean(metrics.l1(out_ab, gt_ab)), "b_to_a": _mean(metrics.l1(out_ba, gt_ba))},
+        "gt_remove": {"psnr": {"a": _mean(metrics.psnr(rm_a, gt_rm_a)), "b": _mean(metrics.psnr(rm_b, gt_rm_b))},
+                      "l1": {"a": _mean(metrics.l1(rm_a, gt_rm_a)), "b": _mean(metrics.l1(rm_b, gt_rm_b))}},
+        "recon_psnr": {"a": _mean(metrics.psnr(rec_a, img_a)), "b": _mean(metrics.psnr(rec_b, img_b))},
+        "intersection": {"both_present": _rate(p_inter[x_attr] & p_inter[y_attr]),
+                         "truth_psnr": _mean(metrics.psnr(inter, gt_inter))},
+    }
+
+    # Distribution distances and identity similarity in the judge's feature space.
+    dist = {"a_to_b": _distribution(scorer, real_b, out_ab), "b_to_a": _distribution(scorer, real_a, out_ba),
+            "remove": _distribution(scorer, real_clean, torch.cat([rm_a, rm_b])),
+            "reference_a_vs_b": _distribution(scorer, real_a, real_b)}
+    result["extractor"] = EXTRACTOR
+    result["kid"] = {k: v["kid"] for k, v in dist.items() if k != "reference_a_vs_b"}
+    result["kid_std"] = {k: v["kid_std"] for k, v in dist.items() if k != "reference_a_vs_b"}
+    result["fid"] = {k: v["fid"] for k, v in dist.items() if k != "reference_a_vs_b"}
+    result["distance_reference"] = {"kid_a_vs_b": dist["reference_a_vs_b"]["kid"], "fid_a_vs_b": dist["reference_a_vs_b"]["fid"]}
+    f_a, f_b = scorer.features(img_a), scorer.features(img_b)
+    result["similarity"] = {
+        "a_to_b": _mean(metrics.cosine(f_a, scorer.features(out_ab))),
+        "b_to_a": _mean(metrics.cosine(f_b, scorer.features(out_ba))),
+        "remove": _mean(metrics.cosine(torch.cat([f_a, f_b]), scorer.features(torch.cat([rm_a, rm_b])))),
+    }
+
+    # Pixels outside the true attribute regions (where no edit should change anything), against the input.
+    truth_a, truth_b = synthetic.attribute_masks(fa, size), synthetic.attribute_masks(fb, size)
+    gmask_ab = synthetic.attribute_masks(fa.edit(**{x_attr: False, y_attr: fb}), size)
+    gmask_ba = synthetic.attribute_masks(fb.edit(**{y_attr: False, x_attr: fa}), size)
+    outside_ab = ((truth_a[x_attr] == 0) & (gmask_ab[y_attr] == 0)).float()
+    outside_ba = ((truth_b[y_attr] == 0) & (gmask_ba[x_attr] == 0)).float()
+    result["outside_psnr"] = {
+        "a_to_b": _mean(metrics.psnr(out_ab, img_a, mask=outside_ab)),
+        "b_to_a": _mean(metrics.psnr(out_ba, img_b, mask=outside_ba)),
+        "remove_a": _mean(metrics.psnr(rm_a, img_a, mask=(truth_a[x_attr] == 0).float())),
+        "remove_b": _mean(metrics.psnr(rm_b, img_b, mask=(truth_b[y_attr] == 0).float())),
+    }
+    if model.config.variant == "mask":
+        result["mask_iou"] = {
+            "a": _mask_iou(_chunked(lambda x: model.segment(x, "a"), img_a, batch=batch, device=dev), truth_a[x_attr]),
+            "b": _mask_iou(_chunked(lambda x: model.segment(x, "b"), img_b, batch=batch, device=dev), truth_b[y_attr]),
+        }
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """IoU of predicted masks against the renderer's exact attribute region (coverage > 0.5), at 0.5 and at the
+    threshold that is best on average."""
+    region = truth > 0.5
+    by_threshold = {t: _mean(metrics.iou(pred > t, region)) for t in MASK_THRESHOLDS}
+    best = max(by_threshold, key=lambda t: by_threshold[t])
+    return {"at_0.5": by_threshold[0.5], "best": by_threshold[best], "best_threshold": best}
+
+
+def _model_info(model: Disentangler, path: str | Path | None, pair: str) -> dict[str, Any]:
+    card = getattr(model, "card", {}) or {}
+    return {"path": str(path) if path else None, "name": card.get("name"), "pair": pair, "variant": model.config.variant,
+            "domains": [model.config.domain_a, model.config.domain_b], "image_size": model.config.image_size,
+            "sha256": card.get("tensors", {}).get("sha256"), "training_steps": card.get("training", {}).get("steps"),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _judge_info(judge: Judge, path: str | Path | None) -> dict[str, Any]:
+    card = judge.card or {}
+    return {"path": str(path) if path else None, "sha256": card.get("tensors", {}).get("sha256"),
+            "test_accuracy": card.get("metrics", {})}
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{100 * v:.1f}%" if pct else (f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}")
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """One table row per (model, direction): the same columns for every model, so runs compare side by side."""
+    lines = [
+        "| model | direction | membership | removal | gt PSNR (dB) | gt L1 | recon PSNR | KID | FID | similarity | outside PSNR | mask IoU (0.5 / best) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        name = r["model"].get("name") or r["model"].get("path")
+        iou = r.get("mask_iou", {})
+        for d, own in (("a_to_b", "a"), ("b_to_a", "b")):
+            m_iou = f"{_fmt(iou[own]['at_0.5'])} / {_fmt(iou[own]['best'])}" if iou else "-"
+            lines.append(
+                f"| {name} | {r['directions'][d]} | {_fmt(r['membership'][d], True)} | {_fmt(r['removal'][own], True)} | "
+                f"{_fmt(r['gt_psnr'].get(d))} | {_fmt(r['gt_l1'].get(d))} | {_fmt(r['recon_psnr'][own])} | "
+                f"{_fmt(r['kid'][d])} | {_fmt(r['fid'][d])} | {_fmt(r['similarity'][d])} | {_fmt(r['outside_psnr'].get(d))} | {m_iou} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict[str, Any], json_path: Path, md_path: Path | None = None) -> None:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    (md_path or json_path.with_suffix(".md")).write_text(markdown([result]))
+
+
+def load_model(path: str | Path, device: str | torch.device) -> Disentangler:
+    return checkpoint.load(path, device=device)
