@@ -164,3 +164,25 @@ def test_did_eval_on_a_mask_model_adds_mask_iou(tmp_path: Path, judge_for_eval: 
     for v in result["mask_iou"].values():
         assert 0.0 <= v["at_0.5"] <= v["best"] <= 1.0
     assert set(result["outside_psnr"]) >= {"a_to_b", "b_to_a"}
+
+
+def test_judge_and_eval_on_celeba_format_data(tmp_path: Path):
+    from tests.celeba_fixture import make_celeba
+
+    root = make_celeba(tmp_path / "celeba", n=40, corrupt=1)["root"]
+    labelled = judge_mod.celeba_labelled(root, "train")
+    x, y = labelled[0]
+    assert x.shape == (3, 64, 64) and y.shape == (3,)
+    card = tmp_path / "judge_celeba"
+    assert did(["judge", "train", "--data", "celeba", "--root", str(root), "--steps", "2", "--batch-size", "4",
+                "--device", "cpu", "--no-progress", "--out", str(card)]) == 0
+    judge_card = json.loads(card.with_suffix(".json").read_text())
+    assert "test_accuracy_celeba" in judge_card["metrics"] and "CelebA" in judge_card["training"]["data"]
+    model = _tiny_model(tmp_path)
+    out = tmp_path / "celeba_eval.json"
+    assert did(["eval", "--data", "celeba", "--root", str(root), "--model", str(model), "--judge", str(card),
+                "--n", "8", "--device", "cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["data"]["source"] == "celeba" and result["data"]["split"] == "test"
+    for key in ("membership", "removal", "recon_psnr", "kid", "fid", "similarity"):
+        assert result[key], key

@@ -164,6 +164,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         evaluate.write(result, args.json)
         print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
+    if args.record:
+        print(f"recorded the headline metrics in {evaluate.record_in_card(args.model, result)}")
     print(evaluate.markdown([result]), end="")
     if args.figures:
         from .figures import evaluation_figures
@@ -173,14 +175,28 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    """Copy a run's checkpoint into a weights directory under its serving name, in the storage dtype asked for."""
+    from models import checkpoint
+
+    model = checkpoint.load(args.run)
+    card = model.card
+    dtype = args.dtype or card["tensors"].get("dtype", "float32")
+    out = checkpoint.save(model, args.out, training=card.get("training", {}), metrics=card.get("metrics", {}), dtype=dtype)
+    print(f"wrote {out} ({dtype})")
+    return 0
+
+
 def run_judge_train(args: argparse.Namespace) -> int:
     import torch
 
     from .judge import train_and_save
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.data == "celeba" and args.root is None:
+        raise ValueError("--data celeba needs --root (the CelebA folder)")
     card = train_and_save(args.out, steps=args.steps, batch=args.batch_size, device=device, test_n=args.test_n,
-                          progress=args.progress)
+                          progress=args.progress, celeba_root=args.root if args.data == "celeba" else None)
     print(f"wrote {card}")
     return 0
 
@@ -213,10 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     ev.add_argument("--json", type=Path, help="write the results here (and a markdown table beside it, .md)")
     ev.add_argument("--figures", type=Path, help="write the transfer grids, intersection, removal and interpolation figures here")
+    ev.add_argument("--record", action="store_true", help="also write the headline metrics into the model card (tensors untouched)")
     ev.set_defaults(func=run_eval)
 
+    ex = sub.add_parser("export", help="copy a run's checkpoint into a weights directory (e.g. weights/NAME) for serving")
+    ex.add_argument("run", type=Path, help="run directory or checkpoint")
+    ex.add_argument("out", type=Path, help="destination DIR/NAME (writes NAME.json + NAME.safetensors)")
+    ex.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="storage dtype (default: the run's)")
+    ex.set_defaults(func=run_export)
+
     jd = sub.add_parser("judge", help="the attribute classifier of the evaluation").add_subparsers(dest="judge_command", required=True)
-    jt = jd.add_parser("train", help="train the judge on labelled synthetic renders and record its test accuracy")
+    jt = jd.add_parser("train", help="train the judge on labelled synthetic renders (or CelebA) and record its test accuracy")
+    jt.add_argument("--data", choices=("synthetic", "celeba"), default="synthetic")
+    jt.add_argument("--root", type=Path, help="CelebA root (--data celeba): trains on its train split, tests on its test split")
     jt.add_argument("--out", type=Path, default=Path("weights/judge/judge"), help="checkpoint path (NAME.json + NAME.safetensors)")
     jt.add_argument("--steps", type=int, default=1500)
     jt.add_argument("--batch-size", type=int, default=128)

@@ -180,6 +180,65 @@ def evaluate(model: Disentangler, judge: Judge, *, n: int = 512, seed: int = syn
     return result
 
 
+def evaluate_celeba(model: Disentangler, judge: Judge, *, root: str | Path, n: int = 512, batch: int = 64,
+                    device: torch.device | str | None = None, model_path: str | Path | None = None,
+                    judge_path: str | Path | None = None) -> dict[str, Any]:
+    """The metrics that need no ground truth, on `n` images per domain of CelebA's test split (all images when the
+    root has no partition file): membership, removal, reconstruction, KID/FID and similarity. The judge should be
+    one trained on CelebA (`did judge train --data celeba`)."""
+    from .data import CELEBA_PAIRS, CelebAPairs
+
+    start = time.perf_counter()
+    dev = torch.device(device) if device is not None else model.device
+    model = model.to(dev).eval()
+    domains = (model.config.domain_a, model.config.domain_b)
+    pair = next((name for name, spec in CELEBA_PAIRS.items() if (spec.a, spec.b) == domains), None)
+    if pair is None:
+        raise ValueError(f"model domains {domains} are not a CelebA pair ({', '.join(CELEBA_PAIRS)})")
+    split = "test" if (Path(root) / "list_eval_partition.txt").exists() else "all"
+    source = CelebAPairs(root, pair, model.config.image_size, split)
+    img_a, img_b = next(iter(source.batches(n, seed=synthetic.TEST_SEED, num_workers=0)))
+    half = img_a.shape[0] // 2  # first half: contents and guides; second half: the real references of KID/FID
+    if half < 2:
+        raise ValueError(f"CelebA {pair}/{split}: too few images for an evaluation ({img_a.shape[0]} per domain)")
+    x_attr, y_attr = domains
+    con_a, con_b, real_a, real_b = img_a[:half], img_b[:half], img_a[half:], img_b[half:]
+    scorer = _Scorer(judge, dev, batch)
+    out_ab = _chunked(lambda c, g: model.transfer(c, g, target=1), con_a, con_b, batch=batch, device=dev)
+    out_ba = _chunked(lambda c, g: model.transfer(c, g, target=0), con_b, con_a, batch=batch, device=dev)
+    rm_a = _chunked(lambda x: model.remove(x, "both"), con_a, batch=batch, device=dev)
+    rm_b = _chunked(lambda x: model.remove(x, "both"), con_b, batch=batch, device=dev)
+    rec_a = _chunked(model.reconstruct, con_a, batch=batch, device=dev)
+    rec_b = _chunked(model.reconstruct, con_b, batch=batch, device=dev)
+    p_ab, p_ba, p_rm_a, p_rm_b = map(scorer.predict, (out_ab, out_ba, rm_a, rm_b))
+    dist = {"a_to_b": _distribution(scorer, real_b, out_ab), "b_to_a": _distribution(scorer, real_a, out_ba)}
+    f_a, f_b = scorer.features(con_a), scorer.features(con_b)
+    return {
+        "format": FORMAT,
+        "model": _model_info(model, model_path, pair),
+        "judge": _judge_info(judge, judge_path),
+        "data": {"source": "celeba", "root": str(root), "pair": pair, "split": split, "seed": synthetic.TEST_SEED,
+                 "n": half, "references": img_a.shape[0] - half, "image_size": model.config.image_size},
+        "directions": {"a_to_b": f"{x_attr} -> {y_attr}", "b_to_a": f"{y_attr} -> {x_attr}"},
+        "membership": {"a_to_b": _rate(p_ab[y_attr] & ~p_ab[x_attr]), "b_to_a": _rate(p_ba[x_attr] & ~p_ba[y_attr])},
+        "judge_rates": {
+            "a_to_b": {"has_guide_attribute": _rate(p_ab[y_attr]), "lost_own_attribute": _rate(~p_ab[x_attr])},
+            "b_to_a": {"has_guide_attribute": _rate(p_ba[x_attr]), "lost_own_attribute": _rate(~p_ba[y_attr])},
+        },
+        "removal": {"a": _rate(~p_rm_a[x_attr] & ~p_rm_a[y_attr]), "b": _rate(~p_rm_b[x_attr] & ~p_rm_b[y_attr])},
+        "gt_psnr": {}, "gt_l1": {},  # no ground truth for real photographs
+        "recon_psnr": {"a": _mean(metrics.psnr(rec_a, con_a)), "b": _mean(metrics.psnr(rec_b, con_b))},
+        "extractor": EXTRACTOR,
+        "kid": {k: v["kid"] for k, v in dist.items()},
+        "kid_std": {k: v["kid_std"] for k, v in dist.items()},
+        "fid": {k: v["fid"] for k, v in dist.items()},
+        "similarity": {"a_to_b": _mean(metrics.cosine(f_a, scorer.features(out_ab))),
+                       "b_to_a": _mean(metrics.cosine(f_b, scorer.features(out_ba)))},
+        "outside_psnr": {},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
 def _mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     """IoU of predicted masks against the renderer's exact attribute region (coverage > 0.5), at 0.5 and at the
     threshold that is best on average."""
@@ -235,6 +294,25 @@ def write(result: dict[str, Any], json_path: Path, md_path: Path | None = None) 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     (md_path or json_path.with_suffix(".md")).write_text(markdown([result]))
+
+
+HEADLINE = ("membership", "removal", "gt_psnr", "gt_l1", "recon_psnr", "kid", "fid", "similarity", "outside_psnr", "mask_iou")
+
+
+def record_in_card(model_path: str | Path, result: dict[str, Any]) -> Path:
+    """Write the headline numbers of `result` into the model card's `metrics` (with what they were measured on);
+    the tensor file, and so the card's sha256, stays as it is."""
+    card_path, _ = checkpoint.paths(model_path)
+    card = checkpoint.read_card(card_path)
+    if result["model"].get("sha256") != card["tensors"].get("sha256"):
+        raise ValueError(f"{card_path}: these results were measured on other tensors (sha256 differs)")
+    card["metrics"] = {
+        **{k: result[k] for k in HEADLINE if k in result},
+        "measured_on": {**result["data"], "judge_sha256": result["judge"]["sha256"], "extractor": result.get("extractor"),
+                        "directions": result.get("directions")},
+    }
+    checkpoint.write_card(card, card_path)
+    return card_path
 
 
 def load_model(path: str | Path, device: str | torch.device) -> Disentangler:
