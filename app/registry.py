@@ -72,6 +72,8 @@ class Registry:
             dtype = torch.float32
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        elif settings.workers > 1:  # each worker process would otherwise take one thread per core for itself
+            torch.set_num_threads(max(1, torch.get_num_threads() // settings.workers))
         entries = []
         for card in cards:
             start = time.perf_counter()

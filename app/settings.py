@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="compute dtype of the models on CUDA (CPU always computes in float32)")
     default_model: str | None = Field(None, description="model used when a request names none (default: the first checkpoint by name)")
-    torch_threads: int = Field(1, ge=0, description="intra-op threads of torch (0: torch's default, one per core)")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads of torch per process (0: torch's default, one per "
+                               "physical core, shared out among the uvicorn workers)")
 
     # --- server -------------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address")

@@ -253,11 +253,13 @@ def main() -> None:
             if name == "batched" and ("naive", c) in results:
                 ratio = f"{r['rps'] / results['naive', c]['rps']:.2f}x"
             rows.append([name, c, r["done"], r["errors"], f"{r['rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", ratio])
+    threads = os.environ.get("DID_TORCH_THREADS", "0 (the default: torch's own count, one per physical core)")
     body_md = (
         f"POST /transfer (content + guide PNG, {len(body) // 1024} KiB multipart), answered as PNG; one uvicorn worker, "
         f"CPU, fp32; closed loop over loopback from the same machine ({args.client} client); at most {args.requests} requests or "
         f"{args.seconds:g} s per level. Model: {origin}.\n"
-        "batched: DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5; naive: DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0 (one model call per request).\n\n"
+        "batched: DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5; naive: DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0 (one model call per request); "
+        f"both with DID_TORCH_THREADS={threads}.\n\n"
         + table(["config", "concurrency", "ok", "errors", "requests/s", "p50 ms", "p99 ms", "batched / naive"], rows)
     )
     print()
