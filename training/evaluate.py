@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -76,10 +76,67 @@ class _Scorer:
         return _chunked(self.judge.features, x, batch=self.batch, device=self.device)
 
 
-def _distribution(scorer: _Scorer, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
-    fr, ff = scorer.features(real), scorer.features(fake)
+def _distribution(fr: torch.Tensor, ff: torch.Tensor) -> dict[str, float]:
+    """KID and FID of two feature sets (real, fake)."""
     k_mean, k_std = metrics.kid(fr, ff, subset_size=min(1000, len(fr)))
     return {"kid": round(k_mean, 6), "kid_std": round(k_std, 6), "fid": round(metrics.fid(fr, ff), 4)}
+
+
+class _Edits(NamedTuple):
+    """The model's outputs on the test contents: transfers both ways, removals of both attributes, reconstructions."""
+
+    out_ab: torch.Tensor
+    out_ba: torch.Tensor
+    rm_a: torch.Tensor
+    rm_b: torch.Tensor
+    rec_a: torch.Tensor
+    rec_b: torch.Tensor
+
+
+def _run_edits(model: Disentangler, img_a: torch.Tensor, img_b: torch.Tensor, batch: int, dev: torch.device) -> _Edits:
+    """Each domain's contents take the other domain's images, index for index, as guides."""
+    return _Edits(
+        _chunked(lambda c, g: model.transfer(c, g, target=1), img_a, img_b, batch=batch, device=dev),
+        _chunked(lambda c, g: model.transfer(c, g, target=0), img_b, img_a, batch=batch, device=dev),
+        _chunked(lambda x: model.remove(x, "both"), img_a, batch=batch, device=dev),
+        _chunked(lambda x: model.remove(x, "both"), img_b, batch=batch, device=dev),
+        _chunked(model.reconstruct, img_a, batch=batch, device=dev),
+        _chunked(model.reconstruct, img_b, batch=batch, device=dev),
+    )
+
+
+def _judged(scorer: _Scorer, e: _Edits, x_attr: str, y_attr: str) -> dict[str, Any]:
+    """The judge's verdicts: membership (guide's attribute on, own off), its two parts, and removal (neither)."""
+    p_ab, p_ba, p_rm_a, p_rm_b = map(scorer.predict, (e.out_ab, e.out_ba, e.rm_a, e.rm_b))
+    return {
+        "membership": {"a_to_b": _rate(p_ab[y_attr] & ~p_ab[x_attr]), "b_to_a": _rate(p_ba[x_attr] & ~p_ba[y_attr])},
+        "judge_rates": {
+            "a_to_b": {"has_guide_attribute": _rate(p_ab[y_attr]), "lost_own_attribute": _rate(~p_ab[x_attr])},
+            "b_to_a": {"has_guide_attribute": _rate(p_ba[x_attr]), "lost_own_attribute": _rate(~p_ba[y_attr])},
+        },
+        "removal": {"a": _rate(~p_rm_a[x_attr] & ~p_rm_a[y_attr]), "b": _rate(~p_rm_b[x_attr] & ~p_rm_b[y_attr])},
+    }
+
+
+def _in_feature_space(scorer: _Scorer, img_a: torch.Tensor, img_b: torch.Tensor, e: _Edits, real_a: torch.Tensor,
+                      real_b: torch.Tensor, real_clean: torch.Tensor | None = None) -> dict[str, Any]:
+    """KID/FID of the transfers against unseen real images of their target domain, and similarity to the contents,
+    each image's features computed once. With `real_clean` (attribute-free faces) also removal and the real A vs
+    real B reference distances."""
+    f_a, f_b, f_ab, f_ba = map(scorer.features, (img_a, img_b, e.out_ab, e.out_ba))
+    f_ra, f_rb = scorer.features(real_a), scorer.features(real_b)
+    dist = {"a_to_b": _distribution(f_rb, f_ab), "b_to_a": _distribution(f_ra, f_ba)}
+    similarity = {"a_to_b": _mean(metrics.cosine(f_a, f_ab)), "b_to_a": _mean(metrics.cosine(f_b, f_ba))}
+    out: dict[str, Any] = {}
+    if real_clean is not None:
+        f_rm = scorer.features(torch.cat([e.rm_a, e.rm_b]))
+        dist["remove"] = _distribution(scorer.features(real_clean), f_rm)
+        similarity["remove"] = _mean(metrics.cosine(torch.cat([f_a, f_b]), f_rm))
+        ref = _distribution(f_ra, f_rb)
+        out["distance_reference"] = {"kid_a_vs_b": ref["kid"], "fid_a_vs_b": ref["fid"]}
+    return {"extractor": EXTRACTOR, "kid": {k: v["kid"] for k, v in dist.items()},
+            "kid_std": {k: v["kid_std"] for k, v in dist.items()}, "fid": {k: v["fid"] for k, v in dist.items()},
+            **out, "similarity": similarity}
 
 
 def evaluate(model: Disentangler, judge: Judge, *, n: int = 512, seed: int = synthetic.TEST_SEED, batch: int = 64,
@@ -101,29 +158,26 @@ def evaluate(model: Disentangler, judge: Judge, *, n: int = 512, seed: int = syn
     fa, fb = faces(0, only(x_attr)), faces(1, only(y_attr))  # contents (and each other's guides)
     ra, rb = faces(2, only(x_attr)), faces(3, only(y_attr))  # unseen real images of each domain, for KID/FID
     clean = faces(4, only(""))  # faces with no attribute: the reference of removal
-    render = lambda f: torch.cat([synthetic.render(f.index(slice(i, i + 256)), size) for i in range(0, n, 256)])  # noqa: E731
-    img_a, img_b, real_a, real_b, real_clean = map(render, (fa, fb, ra, rb, clean))
+    def render(f: synthetic.Faces) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Images and exact attribute masks in one pass, 256 faces at a time."""
+        parts = [synthetic.render_with_masks(f.index(slice(i, i + 256)), size) for i in range(0, n, 256)]
+        return torch.cat([p[0] for p in parts]), {a: torch.cat([p[1][a] for p in parts]) for a in parts[0][1]}
+
+    (img_a, truth_a), (img_b, truth_b) = render(fa), render(fb)
+    real_a, real_b, real_clean = (render(f)[0] for f in (ra, rb, clean))
 
     # Ground truths: a's face with b's y and no x, b's face with a's x and no y, each with nothing.
-    gt_ab, gt_ba = render(fa.edit(**{x_attr: False, y_attr: fb})), render(fb.edit(**{y_attr: False, x_attr: fa}))
-    gt_rm_a, gt_rm_b = render(fa.edit(**{x_attr: False})), render(fb.edit(**{y_attr: False}))
+    (gt_ab, gmask_ab), (gt_ba, gmask_ba) = render(fa.edit(**{x_attr: False, y_attr: fb})), render(fb.edit(**{y_attr: False, x_attr: fa}))
+    gt_rm_a, gt_rm_b = render(fa.edit(**{x_attr: False}))[0], render(fb.edit(**{y_attr: False}))[0]
 
-    out_ab = _chunked(lambda c, g: model.transfer(c, g, target=1), img_a, img_b, batch=batch, device=dev)
-    out_ba = _chunked(lambda c, g: model.transfer(c, g, target=0), img_b, img_a, batch=batch, device=dev)
-    rm_a = _chunked(lambda x: model.remove(x, "both"), img_a, batch=batch, device=dev)
-    rm_b = _chunked(lambda x: model.remove(x, "both"), img_b, batch=batch, device=dev)
-    rec_a = _chunked(model.reconstruct, img_a, batch=batch, device=dev)
-    rec_b = _chunked(model.reconstruct, img_b, batch=batch, device=dev)
+    e = _run_edits(model, img_a, img_b, batch, dev)
+    out_ab, out_ba, rm_a, rm_b = e.out_ab, e.out_ba, e.rm_a, e.rm_b
     # Intersection: a's face (x removed) with x from another a-face and y from a b-face.
     guide_x = img_a.roll(1, dims=0)
     inter = _chunked(lambda c, ga, gb: model.intersect(c, ga, gb), img_a, guide_x, img_b, batch=batch, device=dev)
-    gt_inter = render(fa.edit(**{x_attr: fa.index(torch.arange(n).roll(1)), y_attr: fb}))
+    gt_inter = render(fa.edit(**{x_attr: fa.index(torch.arange(n).roll(1)), y_attr: fb}))[0]
+    p_inter = scorer.predict(inter)
 
-    p_ab, p_ba, p_rm_a, p_rm_b, p_inter = map(scorer.predict, (out_ab, out_ba, rm_a, rm_b, inter))
-    judge_rates = {
-        "a_to_b": {"has_guide_attribute": _rate(p_ab[y_attr]), "lost_own_attribute": _rate(~p_ab[x_attr])},
-        "b_to_a": {"has_guide_attribute": _rate(p_ba[x_attr]), "lost_own_attribute": _rate(~p_ba[y_attr])},
-    }
     result: dict[str, Any] = {
         "format": FORMAT,
         "model": _model_info(model, model_path, pair),
@@ -131,38 +185,19 @@ def evaluate(model: Disentangler, judge: Judge, *, n: int = 512, seed: int = syn
         "data": {"source": "synthetic", "pair": pair, "seed": seed, "n": n, "image_size": size,
                  "blocks": "contents a: faces [0, n), contents b: [n, 2n), KID/FID references: [2n, 5n) of the seed"},
         "directions": {"a_to_b": f"{x_attr} -> {y_attr}", "b_to_a": f"{y_attr} -> {x_attr}"},
-        "membership": {"a_to_b": _rate(p_ab[y_attr] & ~p_ab[x_attr]), "b_to_a": _rate(p_ba[x_attr] & ~p_ba[y_attr])},
-        "judge_rates": judge_rates,
-        "removal": {"a": _rate(~p_rm_a[x_attr] & ~p_rm_a[y_attr]), "b": _rate(~p_rm_b[x_attr] & ~p_rm_b[y_attr])},
+        **_judged(scorer, e, x_attr, y_attr),
         "gt_psnr": {"a_to_b": _mean(metrics.psnr(out_ab, gt_ab)), "b_to_a": _mean(metrics.psnr(out_ba, gt_ba))},
         "gt_l1": {"a_to_b": _mean(metrics.l1(out_ab, gt_ab)), "b_to_a": _mean(metrics.l1(out_ba, gt_ba))},
         "gt_remove": {"psnr": {"a": _mean(metrics.psnr(rm_a, gt_rm_a)), "b": _mean(metrics.psnr(rm_b, gt_rm_b))},
                       "l1": {"a": _mean(metrics.l1(rm_a, gt_rm_a)), "b": _mean(metrics.l1(rm_b, gt_rm_b))}},
-        "recon_psnr": {"a": _mean(metrics.psnr(rec_a, img_a)), "b": _mean(metrics.psnr(rec_b, img_b))},
+        "recon_psnr": {"a": _mean(metrics.psnr(e.rec_a, img_a)), "b": _mean(metrics.psnr(e.rec_b, img_b))},
         "intersection": {"both_present": _rate(p_inter[x_attr] & p_inter[y_attr]),
                          "truth_psnr": _mean(metrics.psnr(inter, gt_inter))},
-    }
-
-    # Distribution distances and identity similarity in the judge's feature space.
-    dist = {"a_to_b": _distribution(scorer, real_b, out_ab), "b_to_a": _distribution(scorer, real_a, out_ba),
-            "remove": _distribution(scorer, real_clean, torch.cat([rm_a, rm_b])),
-            "reference_a_vs_b": _distribution(scorer, real_a, real_b)}
-    result["extractor"] = EXTRACTOR
-    result["kid"] = {k: v["kid"] for k, v in dist.items() if k != "reference_a_vs_b"}
-    result["kid_std"] = {k: v["kid_std"] for k, v in dist.items() if k != "reference_a_vs_b"}
-    result["fid"] = {k: v["fid"] for k, v in dist.items() if k != "reference_a_vs_b"}
-    result["distance_reference"] = {"kid_a_vs_b": dist["reference_a_vs_b"]["kid"], "fid_a_vs_b": dist["reference_a_vs_b"]["fid"]}
-    f_a, f_b = scorer.features(img_a), scorer.features(img_b)
-    result["similarity"] = {
-        "a_to_b": _mean(metrics.cosine(f_a, scorer.features(out_ab))),
-        "b_to_a": _mean(metrics.cosine(f_b, scorer.features(out_ba))),
-        "remove": _mean(metrics.cosine(torch.cat([f_a, f_b]), scorer.features(torch.cat([rm_a, rm_b])))),
+        # Distribution distances and identity similarity in the judge's feature space.
+        **_in_feature_space(scorer, img_a, img_b, e, real_a, real_b, real_clean),
     }
 
     # Pixels outside the true attribute regions (where no edit should change anything), against the input.
-    truth_a, truth_b = synthetic.attribute_masks(fa, size), synthetic.attribute_masks(fb, size)
-    gmask_ab = synthetic.attribute_masks(fa.edit(**{x_attr: False, y_attr: fb}), size)
-    gmask_ba = synthetic.attribute_masks(fb.edit(**{y_attr: False, x_attr: fa}), size)
     outside_ab = ((truth_a[x_attr] == 0) & (gmask_ab[y_attr] == 0)).float()
     outside_ba = ((truth_b[y_attr] == 0) & (gmask_ba[x_attr] == 0)).float()
     result["outside_psnr"] = {
@@ -204,15 +239,7 @@ def evaluate_celeba(model: Disentangler, judge: Judge, *, root: str | Path, n: i
     x_attr, y_attr = domains
     con_a, con_b, real_a, real_b = img_a[:half], img_b[:half], img_a[half:], img_b[half:]
     scorer = _Scorer(judge, dev, batch)
-    out_ab = _chunked(lambda c, g: model.transfer(c, g, target=1), con_a, con_b, batch=batch, device=dev)
-    out_ba = _chunked(lambda c, g: model.transfer(c, g, target=0), con_b, con_a, batch=batch, device=dev)
-    rm_a = _chunked(lambda x: model.remove(x, "both"), con_a, batch=batch, device=dev)
-    rm_b = _chunked(lambda x: model.remove(x, "both"), con_b, batch=batch, device=dev)
-    rec_a = _chunked(model.reconstruct, con_a, batch=batch, device=dev)
-    rec_b = _chunked(model.reconstruct, con_b, batch=batch, device=dev)
-    p_ab, p_ba, p_rm_a, p_rm_b = map(scorer.predict, (out_ab, out_ba, rm_a, rm_b))
-    dist = {"a_to_b": _distribution(scorer, real_b, out_ab), "b_to_a": _distribution(scorer, real_a, out_ba)}
-    f_a, f_b = scorer.features(con_a), scorer.features(con_b)
+    e = _run_edits(model, con_a, con_b, batch, dev)
     return {
         "format": FORMAT,
         "model": _model_info(model, model_path, pair),
@@ -220,20 +247,10 @@ def evaluate_celeba(model: Disentangler, judge: Judge, *, root: str | Path, n: i
         "data": {"source": "celeba", "root": str(root), "pair": pair, "split": split, "seed": synthetic.TEST_SEED,
                  "n": half, "references": img_a.shape[0] - half, "image_size": model.config.image_size},
         "directions": {"a_to_b": f"{x_attr} -> {y_attr}", "b_to_a": f"{y_attr} -> {x_attr}"},
-        "membership": {"a_to_b": _rate(p_ab[y_attr] & ~p_ab[x_attr]), "b_to_a": _rate(p_ba[x_attr] & ~p_ba[y_attr])},
-        "judge_rates": {
-            "a_to_b": {"has_guide_attribute": _rate(p_ab[y_attr]), "lost_own_attribute": _rate(~p_ab[x_attr])},
-            "b_to_a": {"has_guide_attribute": _rate(p_ba[x_attr]), "lost_own_attribute": _rate(~p_ba[y_attr])},
-        },
-        "removal": {"a": _rate(~p_rm_a[x_attr] & ~p_rm_a[y_attr]), "b": _rate(~p_rm_b[x_attr] & ~p_rm_b[y_attr])},
+        **_judged(scorer, e, x_attr, y_attr),
         "gt_psnr": {}, "gt_l1": {},  # no ground truth for real photographs
-        "recon_psnr": {"a": _mean(metrics.psnr(rec_a, con_a)), "b": _mean(metrics.psnr(rec_b, con_b))},
-        "extractor": EXTRACTOR,
-        "kid": {k: v["kid"] for k, v in dist.items()},
-        "kid_std": {k: v["kid_std"] for k, v in dist.items()},
-        "fid": {k: v["fid"] for k, v in dist.items()},
-        "similarity": {"a_to_b": _mean(metrics.cosine(f_a, scorer.features(out_ab))),
-                       "b_to_a": _mean(metrics.cosine(f_b, scorer.features(out_ba)))},
+        "recon_psnr": {"a": _mean(metrics.psnr(e.rec_a, con_a)), "b": _mean(metrics.psnr(e.rec_b, con_b))},
+        **_in_feature_space(scorer, con_a, con_b, e, real_a, real_b),
         "outside_psnr": {},
         "seconds": round(time.perf_counter() - start, 2),
     }
@@ -314,6 +331,3 @@ def record_in_card(model_path: str | Path, result: dict[str, Any]) -> Path:
     checkpoint.write_card(card, card_path)
     return card_path
 
-
-def load_model(path: str | Path, device: str | torch.device) -> Disentangler:
-    return checkpoint.load(path, device=device)

@@ -28,8 +28,10 @@ from torch import nn
 from tqdm import tqdm
 
 from models.checkpoint import CheckpointError, sha256, versions, write_card, write_tensors
+from models.images import to_tensor
 
 from . import synthetic
+from .data import CELEBA_CROP, CELEBA_SPLITS, TRAITS, load_image, read_attributes, read_partition
 
 log = logging.getLogger("did.judge")
 
@@ -78,10 +80,6 @@ class Judge(nn.Module):
         """Attribute -> bool (N,) presence, in eval mode, in chunks of `batch`."""
         logits = torch.cat([self(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
         return {name: logits[:, i] > 0 for i, name in enumerate(self.config.attributes)}
-
-    @torch.no_grad()
-    def embed(self, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-        return torch.cat([self.features(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -134,10 +132,6 @@ class _CelebALabelled(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from models.images import to_tensor
-
-        from .data import CELEBA_CROP, load_image
-
         path, labels = self.items[i]
         try:
             image = to_tensor(load_image(path, self.size, "crop", CELEBA_CROP))
@@ -148,8 +142,6 @@ class _CelebALabelled(torch.utils.data.Dataset):
 
 def celeba_labelled(root: str | Path, split: str = "train", size: int = INPUT_SIZE) -> _CelebALabelled:
     """Every CelebA image of `split` (train, val, test, all) that exists on disk, labelled for the judge."""
-    from .data import CELEBA_SPLITS, TRAITS, read_attributes, read_partition
-
     root = Path(root)
     images, attr_file = root / "img_align_celeba", root / "list_attr_celeba.txt"
     if not attr_file.exists() or not images.is_dir():
@@ -293,24 +285,25 @@ def train_and_save(out: Path, steps: int, batch: int, device: str, test_n: int =
     start = time.perf_counter()
     judge = train_judge(steps=steps, batch=batch, device=device, progress=progress, celeba_root=celeba_root)
     minutes = (time.perf_counter() - start) / 60
+    metrics: dict[str, Any] = {}
     if celeba_root is not None:
         test = celeba_labelled(celeba_root, "test")
         loader = torch.utils.data.DataLoader(test, batch_size=256, num_workers=min(4, os.cpu_count() or 1))
         xs, ys = zip(*((x, y) for x, y in loader))
         acc = accuracy(judge, torch.cat(xs).to(device), torch.cat(ys).to(device))
-        metrics_c = {"test_accuracy_celeba": {k: round(v, 5) for k, v in acc.items()}, "test_images": {"n": len(test)}}
-        training_c = {"data": f"CelebA train split of {celeba_root}, labels glasses=Eyeglasses, smile=Smiling, "
-                              "beard=(No_Beard == -1 or Goatee or Mustache)", "steps": steps, "batch_size": batch,
-                      "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                      "minutes": round(minutes, 2)}
-        return save(judge, out, training=training_c, metrics=metrics_c)
-    metrics: dict[str, Any] = {}
-    for size in (64, 128):
-        images, labels = synthetic_test_set(test_n, size, device=device)
-        metrics[f"test_accuracy_{size}px"] = {k: round(v, 5) for k, v in accuracy(judge, images, labels).items()}
-    metrics["test_images"] = {"n": test_n, "seed": synthetic.TEST_SEED}
-    training = {"data": f"synthetic renders, seed {JUDGE_SEED}, each attribute on with probability 0.5, blur/noise/"
-                        "contrast augmentation", "steps": steps, "batch_size": batch, "image_sizes": [64, 128],
+        metrics["test_accuracy_celeba"] = {k: round(v, 5) for k, v in acc.items()}
+        metrics["test_images"] = {"n": len(test)}
+        rules = ", ".join(f"{a}={TRAITS[a].rule}" for a in synthetic.ATTRIBUTES)
+        source, extra = f"CelebA train split of {celeba_root}, labels {rules}", {}
+    else:
+        for size in (64, 128):
+            images, labels = synthetic_test_set(test_n, size, device=device)
+            metrics[f"test_accuracy_{size}px"] = {k: round(v, 5) for k, v in accuracy(judge, images, labels).items()}
+        metrics["test_images"] = {"n": test_n, "seed": synthetic.TEST_SEED}
+        source = (f"synthetic renders, seed {JUDGE_SEED}, each attribute on with probability 0.5, blur/noise/contrast "
+                  "augmentation")
+        extra = {"image_sizes": [64, 128]}
+    training = {"data": source, "steps": steps, "batch_size": batch, **extra,
                 "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                 "minutes": round(minutes, 2)}
     card = save(judge, out, training=training, metrics=metrics)
