@@ -17,14 +17,10 @@ from models.config import preset
 from models.disentangler import Disentangler
 from models.networks import bake_spectral_norm
 
-from .report import table, write_section
+from .report import pick_device, sync, table, write_section
 
 PUBLISHED_H100 = {1: 4.2, 256: 21_900.0}  # ms per transfer at batch 1; images/s at batch 256
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -35,13 +31,13 @@ def measure(width: str, size: int, batch: int, dtype: torch.dtype, device: torch
     guide = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device, dtype)
     for _ in range(3):
         model.transfer(content, guide, target=1)
-    _sync(device)
+    sync(device)
     runs, t0 = 0, time.perf_counter()
     while True:
         model.transfer(content, guide, target=1)
         runs += 1
         if runs % 5 == 0:
-            _sync(device)
+            sync(device)
             if time.perf_counter() - t0 >= seconds:
                 break
     dt = (time.perf_counter() - t0) / runs
@@ -55,7 +51,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement")
     args = p.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     dtypes = {"fp32": torch.float32}
     if device.type == "cuda":
         dtypes |= {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -18,12 +18,8 @@ import torch
 
 from training.synthetic import render, render_with_masks, sample_faces
 
-from .report import table, write_section
+from .report import pick_device, sync, table, write_section
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _median_seconds(fn: Callable[[int], object], device: torch.device, seconds: float) -> float:
@@ -34,10 +30,10 @@ def _median_seconds(fn: Callable[[int], object], device: torch.device, seconds: 
     start = time.perf_counter()
     i = 0
     while time.perf_counter() - start < seconds or len(times) < 5:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn(i)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
         i += 1
     return statistics.median(times)
@@ -66,8 +62,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = p.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     rows = []
     for size in args.sizes:
         r = measure(size, args.batch, device, args.seconds)

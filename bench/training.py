@@ -15,14 +15,10 @@ import torch
 from models.config import preset
 from training.loop import Trainer, TrainConfig
 
-from .report import table, write_section
+from .report import pick_device, sync, table, write_section
 
 PUBLISHED_H100_IMAGES_PER_S = 1407.0
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(width: str, size: int, batch: int, device: torch.device, steps: int, amp: bool) -> dict[str, float]:
@@ -33,11 +29,11 @@ def measure(width: str, size: int, batch: int, device: torch.device, steps: int,
     b = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)
     for _ in range(max(2, steps // 5)):  # warm-up: allocator, cuDNN autotuning
         trainer.step(a, b)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         trainer.step(a, b)
-    _sync(device)
+    sync(device)
     dt = (time.perf_counter() - t0) / steps
     params = sum(p.numel() for p in trainer.model.parameters()) + sum(p.numel() for p in trainer.disc.parameters())
     return {"ms_per_step": dt * 1000, "images_per_s": 2 * batch / dt, "params_m": params / 1e6}
@@ -52,7 +48,7 @@ def main() -> None:
     p.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both",
                    help="on CUDA: fp32, bf16 autocast (what training uses) or both (default); the CPU runs fp32")
     args = p.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     amps = [False] if device.type != "cuda" else {"both": [False, True], "fp32": [False], "bf16": [True]}[args.precision]
     rows = []
     for spec in args.configs:
