@@ -32,6 +32,14 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def hold(batcher: Batcher) -> tuple[threading.Event, asyncio.Future]:
+    """Occupy the batcher's model thread until the returned event is set (the future is that blocking job)."""
+    gate = threading.Event()
+    blocker = asyncio.ensure_future(batcher.call(lambda m: gate.wait(10)))
+    await asyncio.sleep(0.05)
+    return gate, blocker
+
+
 def test_batched_equals_unbatched(tiny_model):
     """Jobs of 1-3 images each, gathered into shared model calls, give each job what it gets alone."""
     torch.manual_seed(0)
@@ -81,11 +89,9 @@ def test_max_batch_splits_and_oversized_jobs_run_alone(tiny_model):
 def test_full_queue_is_overloaded_and_failures_stay_per_job(tiny_model):
     async def go():
         b = Batcher("m", tiny_model, max_batch=1, max_wait_ms=0, queue_size=1)
-        gate = threading.Event()
         b.start()
         try:
-            blocker = asyncio.ensure_future(b.call(lambda m: gate.wait(10)))
-            await asyncio.sleep(0.05)
+            gate, blocker = await hold(b)
             first = asyncio.ensure_future(b.encode(torch.zeros(1, 3, 64, 64)))
             await asyncio.sleep(0)
             refused = None
@@ -114,11 +120,9 @@ def test_full_queue_is_overloaded_and_failures_stay_per_job(tiny_model):
 def test_cancelled_requests_are_skipped(tiny_model):
     async def go():
         b = Batcher("m", tiny_model, max_batch=8, max_wait_ms=0, queue_size=8)
-        gate = threading.Event()
         b.start()
         try:
-            blocker = asyncio.ensure_future(b.call(lambda m: gate.wait(10)))
-            await asyncio.sleep(0.05)
+            gate, blocker = await hold(b)
             gone = asyncio.ensure_future(b.encode(torch.zeros(1, 3, 64, 64)))
             kept = asyncio.ensure_future(b.encode(torch.ones(1, 3, 64, 64)))
             await asyncio.sleep(0)
@@ -172,9 +176,7 @@ def test_concurrent_requests_equal_sequential_ones(service_weights):
 def test_full_queue_answers_503_with_retry_after(service_weights):
     async def go(app, client):
         batcher = app.state.registry.get(None).batcher
-        gate = threading.Event()
-        blocker = asyncio.ensure_future(batcher.call(lambda m: gate.wait(10)))
-        await asyncio.sleep(0.05)
+        gate, blocker = await hold(batcher)
         first = asyncio.ensure_future(client.post("/transfer", files=_multipart(0)))  # its encode job fills the queue
         for _ in range(100):
             await asyncio.sleep(0.01)
