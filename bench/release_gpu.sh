@@ -51,7 +51,9 @@ for name in $RUNS; do
     # shellcheck disable=SC2086  # the flags are meant to split into words
     run "$name" ${FLAGS[$name]}
 done
-"$PY" -c "import sys; from training.cli import main; sys.exit(main(sys.argv[1:]))" judge train --device "$DEVICE" \
+did() { "$PY" -m training.cli "$@"; }  # `did` without needing the console script installed
+
+did judge train --device "$DEVICE" \
     --steps "$JUDGE_STEPS" --batch-size 128 --out "$OUT/judge/judge" --no-progress >"$OUT/judge.log" 2>&1 &
 echo "started judge (pid $!)"
 
@@ -84,7 +86,7 @@ if [ "${EVAL:-1}" = 1 ] && [ -f "$OUT/judge/judge.json" ]; then
         name=$(basename "$d")
         [ -f "$d/model.json" ] || continue
         figs=(); case $name in smile_glasses|beard_smile|beard_glasses|smile_glasses_mask) figs=(--figures "$OUT/figures/$name");; esac
-        timeout 120 "$PY" -c "import sys; from training.cli import main; sys.exit(main(sys.argv[1:]))" eval \
+        timeout 120 "$PY" -m training.cli eval \
             --model "$d" --judge "$OUT/judge/judge" --n "${EVAL_N:-512}" --device "$DEVICE" --json "$OUT/eval/$name.json" \
             "${figs[@]}" >"$OUT/eval_$name.log" 2>&1 || echo "eval of $name failed: $(tail -n 2 "$OUT/eval_$name.log")"
     done
@@ -97,10 +99,7 @@ if [ "$BENCH" = 1 ]; then
     "$PY" -m bench.inference --configs paper:128 slim:128 --batches 1 256 --seconds 1 2>&1 | tail -n 16
     [ -n "${PACK:-}" ] && cp docs/benchmarks.md "$PACK/benchmarks.md"
     if [ "$HTTP" = 1 ] && [ -f "$OUT/smile_glasses/model.json" ]; then
-        mkdir -p "$OUT/http_weights"
-        cp "$OUT/smile_glasses/model.json" "$OUT/http_weights/smile_glasses.json"
-        cp "$OUT/smile_glasses/model.safetensors" "$OUT/http_weights/smile_glasses.safetensors"
-        sed -i 's/"file": "model.safetensors"/"file": "smile_glasses.safetensors"/' "$OUT/http_weights/smile_glasses.json"
+        did export "$OUT/smile_glasses" "$OUT/http_weights/smile_glasses"
         timeout 200 "$PY" -m bench.http_load --weights "$OUT/http_weights" --concurrency 1 16 64 --requests 3000 \
             --seconds 8 2>&1 | tail -n 12
     fi
