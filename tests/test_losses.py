@@ -46,7 +46,9 @@ def test_mask_variant_terms() -> None:
     target = torch.zeros(1, 3, 2, 2)
     torch.testing.assert_close(losses.composite(rgb, mask, base), torch.tensor([[[[1.0, -1.0], [0.0, -1.0]]]]).expand(1, 3, 2, 2))
     assert losses.masked_reconstruction(rgb, mask, base, target).item() == (1 + 1 + 0 + 1) / 4
-    assert losses.mask_reconstruction(rgb, target).item() == 1.0
+    # over the real image: each pixel costs its mask times the generator's error there (1 everywhere here)
+    assert losses.mask_reconstruction(rgb, mask, target).item() == (1 + 0 + 0.5 + 0) / 4
+    assert losses.mask_reconstruction(rgb, torch.zeros_like(mask), target).item() == 0.0
     assert losses.mask_sparsity(mask, torch.ones(2, 1, 2, 2)).item() == (0.375 + 1) / 2
     common_t, common = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
     sep_t, sep = torch.full((1, 2, 2, 2), 0.5), torch.full((1, 2, 2, 2), -0.5)

@@ -9,7 +9,7 @@ from torch import nn
 
 from models import Codes, Disentangler, Edit, load, preset, read_card, save
 from training.cli import main
-from training.loop import MASK_METRICS, Trainer, TrainConfig
+from training.loop import MASK_METRICS, Trainer, TrainConfig, initialise_from
 
 
 def _mask_model(seed: int = 0) -> Disentangler:
@@ -179,7 +179,7 @@ def test_train_config_takes_the_variants_defaults() -> None:
     plain, mask = TrainConfig(), TrainConfig(variant="mask")
     assert (plain.recon_weight, plain.recon_weight_b, plain.adv_weight) == (1.0, 1.0, 0.001)
     assert (mask.recon_weight, mask.recon_weight_b, mask.adv_weight, mask.mask_recon_weight) == (7.0, 5.0, 0.005, 0.7)
-    assert (mask.cycle_weight_a, mask.cycle_weight_b) == (0.0, 0.001) and mask.mask_weight > 0
+    assert (mask.cycle_weight_a, mask.cycle_weight_b, mask.mask_weight) == (0.0, 0.001, 0.0)
     assert TrainConfig(recon_weight=3.0).recon_weight_b == 3.0  # plain: one weight for both domains
     assert TrainConfig(variant="mask", mask_weight=0.5, recon_weight=2.0).recon_weight_b == 5.0
     with pytest.raises(ValueError, match="variant"):
@@ -214,3 +214,37 @@ def test_did_train_variant_mask(tmp_path: Path) -> None:
     assert set(MASK_METRICS) <= set(log[-1])
     assert (out / "samples" / "step_0000002.png").exists()
     assert load(out).config.variant == "mask"
+
+
+def test_init_starts_a_mask_model_from_a_plain_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    plain = Disentangler(preset("tiny", image_size=64, domain_a="smile", domain_b="glasses")).eval()
+    save(plain, tmp_path / "plain")
+    fresh = _mask_model(seed=4)
+    mask_channel = [t.clone() for t in (fresh.decoder.to_rgb.weight[:, 3:], fresh.decoder.to_rgb.bias[3:])]
+    record = initialise_from(fresh, tmp_path / "plain")
+    assert record["variant"] == "plain" and record["sha256"] == read_card(tmp_path / "plain.json")["tensors"]["sha256"]
+    mine = fresh.state_dict()
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(mine[name] if value.shape == mine[name].shape else
+                                   (mine[name][:3] if value.dim() == 1 else mine[name][:, :3]), value, msg=name)
+    torch.testing.assert_close(fresh.decoder.to_rgb.weight[:, 3:], mask_channel[0])  # the mask channel stays fresh
+    torch.testing.assert_close(fresh.decoder.to_rgb.bias[3:], mask_channel[1])
+    x = _images(2, 5)
+    with torch.no_grad():  # the RGB the mask model draws is the plain model's image
+        torch.testing.assert_close(fresh.decode_parts(*fresh.encode(x))[0], plain.decode(*plain.encode(x)))
+
+    out = tmp_path / "mask"
+    rc = main(["train", "--variant", "mask", "--image-size", "64", "--batch-size", "2", "--steps", "1", "--width", "tiny",
+               "--pair", "smile_glasses", "--sample-every", "0", "--checkpoint-every", "0",
+               "--init", str(tmp_path / "plain"), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    assert read_card(out / "model.json")["training"]["init"] == record | {"path": str(tmp_path / "plain")}
+
+
+def test_init_refuses_a_checkpoint_of_other_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save(Disentangler(preset("tiny", image_size=128)), tmp_path / "big")
+    rc = main(["train", "--variant", "mask", "--image-size", "64", "--batch-size", "2", "--steps", "1", "--width", "tiny",
+               "--init", str(tmp_path / "big"), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert rc != 0 and "other sizes: image_size 128 (this run: 64)" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model.json").exists()

@@ -64,13 +64,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--zero-weight", type=float, default=d.zero_weight)
     opt.add_argument("--adv-weight", type=float, help=f"common-space adversary; {by_variant('adv_weight')}")
     opt.add_argument("--mask-recon-weight", type=float,
-                     help=f"mask variant: L1 of the raw generator output, each domain; {by_variant('mask_recon_weight')}")
+                     help=f"mask variant: the attribute decoder drawn through its mask over the real image, each domain; {by_variant('mask_recon_weight')}")
     opt.add_argument("--cycle-weight-a", type=float,
                      help=f"mask variant: code cycle of a's images given b's attribute; {by_variant('cycle_weight_a')}")
     opt.add_argument("--cycle-weight-b", type=float,
                      help=f"mask variant: code cycle of b's images given a's attribute; {by_variant('cycle_weight_b')}")
     opt.add_argument("--mask-weight", type=float,
-                     help=f"mask variant: sparsity, the mean of the masks; {by_variant('mask_weight')}")
+                     help=f"mask variant: extra sparsity, the mean of the masks; {by_variant('mask_weight')}")
     opt.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip for both nets")
     opt.add_argument("--seed", type=int, default=d.seed)
     opt.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA instead of bf16 autocast")
@@ -79,6 +79,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log.jsonl, samples/, train_state.pt)")
     run.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda or cuda:N")
     run.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    run.add_argument("--init", metavar="CHECKPOINT", default="",
+                     help="start from this checkpoint's weights (fine-tuning; a plain checkpoint can start a mask model "
+                          "of the same sizes, which then learns only its mask channel from scratch)")
     run.add_argument("--log-every", type=int, default=d.log_every)
     run.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids (0: only at the end)")
     run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints (0: only at the end)")
@@ -117,7 +120,7 @@ def run_train(args: argparse.Namespace) -> int:
         mask_recon_weight=args.mask_recon_weight, cycle_weight_a=args.cycle_weight_a, cycle_weight_b=args.cycle_weight_b,
         mask_weight=args.mask_weight, clip=args.clip, seed=args.seed, device=args.device, amp=args.amp,
         log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
-        save_dtype=args.save_dtype, num_workers=args.num_workers, resume=args.resume, progress=args.progress,
+        save_dtype=args.save_dtype, num_workers=args.num_workers, resume=args.resume, init=args.init, progress=args.progress,
         model_overrides=overrides,
     )
     for name in ("steps", "batch_size", "log_every"):

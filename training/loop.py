@@ -43,21 +43,16 @@ LOG_FILE = "log.jsonl"
 
 
 # Loss weights a run takes unless told otherwise: the published values of each variant's paper (Benaim et al.
-# for plain, Mokady et al.'s glasses settings for mask), except mask_weight, which that paper does not state.
+# for plain, Mokady et al.'s glasses settings for mask). mask_weight, an extra sparsity term of our own, is off:
+# the mask paper's public code has none, because its second reconstruction (`losses.mask_reconstruction`, the
+# attribute decoder composited over the real image) already charges an open mask for every pixel the generator
+# gets wrong. An earlier form of that loss here (the raw generator output, no mask) left the mask free, and a
+# sparsity weight of 1.0 then shut every mask (mask IoU 0 on a 128 px run): see docs/evaluation.md.
 WEIGHT_DEFAULTS: dict[str, dict[str, float]] = {
     "plain": dict(recon_weight=1.0, recon_weight_b=1.0, adv_weight=0.001, mask_recon_weight=0.0, cycle_weight_a=0.0,
                   cycle_weight_b=0.0, mask_weight=0.0),
-    # mask_weight 1.0: per pixel, the masked reconstruction pays recon_weight * |rgb - base| (summed over RGB) for a
-    # mask left shut and the sparsity term pays mask_weight for one opened, so a mask opens only where the generated
-    # attribute beats the attribute-free base by more than mask_weight / recon_weight: 1/7 (about 2.5% of the range
-    # per channel) for a, 1/5 for b. Glasses, a smile or a beard differ from bare skin by far more; blur and
-    # background, where both decodes agree, by less, so the mask stays shut there. On the synthetic smile/glasses
-    # benchmark (64 px, slim, batch 16) weights of 0.01-0.1 changed nothing: the mean mask was the same (0.31 at
-    # step 400, 0.11 at 1500) for all of them and no larger on the attribute than off it, too weak to decide. At 1.0
-    # a 128 px slim run of 1,100 steps on one H100 collapsed every mask to zero (mean 0.009, mask IoU 0: see
-    # docs/evaluation.md), so neither setting is validated yet: the value has to be tuned on a longer run.
     "mask": dict(recon_weight=7.0, recon_weight_b=5.0, adv_weight=0.005, mask_recon_weight=0.7, cycle_weight_a=0.0,
-                 cycle_weight_b=0.001, mask_weight=1.0),
+                 cycle_weight_b=0.001, mask_weight=0.0),
 }
 
 
@@ -78,10 +73,10 @@ class TrainConfig:
     recon_weight_b: float | None = None  # domain b's reconstruction (plain default: recon_weight)
     zero_weight: float = 1.0
     adv_weight: float | None = None
-    mask_recon_weight: float | None = None  # mask variant: L1 of the raw generator output, each domain
+    mask_recon_weight: float | None = None  # mask variant: the attribute decoder over the real image, each domain
     cycle_weight_a: float | None = None  # mask variant: code cycle of a's images given b's attribute
     cycle_weight_b: float | None = None  # mask variant: code cycle of b's images given a's attribute
-    mask_weight: float | None = None  # mask variant: mean of the masks (sparsity)
+    mask_weight: float | None = None  # mask variant: mean of the masks (extra sparsity; default 0)
     clip: float = 5.0
     seed: int = 0
     device: str = "auto"
@@ -92,6 +87,7 @@ class TrainConfig:
     save_dtype: str = "float32"
     num_workers: int = 2
     resume: bool = False
+    init: str = ""  # start from this inference checkpoint's weights (fine-tuning); ignored when resuming
     progress: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"sep_channels": 32}
 
@@ -292,8 +288,8 @@ class Trainer:
         return {
             "recon_a": losses.masked_reconstruction(rgb[block(0)], mask[block(0)], rgb[block(2)], a),
             "recon_b": losses.masked_reconstruction(rgb[block(1)], mask[block(1)], rgb[block(3)], b),
-            "mask_recon_a": losses.mask_reconstruction(rgb[block(0)], a),
-            "mask_recon_b": losses.mask_reconstruction(rgb[block(1)], b),
+            "mask_recon_a": losses.mask_reconstruction(rgb[block(0)], mask[block(0)], a),
+            "mask_recon_b": losses.mask_reconstruction(rgb[block(1)], mask[block(1)], b),
             # the targets are detached: the cycle teaches the translation and its re-encoding, it does not pull
             # the codes of the real images towards those of the translations
             "cycle_a": losses.code_cycle(cyc.common[:n], cyc.sep_b[:n], ca.detach(), sb.detach()),
@@ -311,6 +307,38 @@ class Trainer:
         self.disc.load_state_dict(state["disc"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+
+
+def initialise_from(model: Disentangler, path: str | Path) -> dict[str, Any]:
+    """Copy a checkpoint's weights into a fresh model, the start of a fine-tuning run; returns what the card records.
+
+    The checkpoint must have the same sizes (image size, widths, codes); its domain names and variant may differ. A
+    plain checkpoint starts a mask model: its 3-channel output layer fills the RGB channels of the 4-channel one and
+    the mask channel keeps its fresh initialisation, so the mask model begins with everything the plain one learned
+    and only the mask to learn. The latent discriminator and the optimisers always start fresh.
+    """
+    source = checkpoint.load(path)
+    sizes = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("variant", "domain_a", "domain_b")}  # noqa: E731
+    mine, theirs = sizes(model.config), sizes(source.config)
+    if mine != theirs:
+        diff = ", ".join(f"{k} {theirs[k]} (this run: {mine[k]})" for k in mine if mine[k] != theirs[k])
+        raise ValueError(f"--init {path}: the checkpoint's nets have other sizes: {diff}")
+    target = model.state_dict()
+    with torch.no_grad():
+        for name, value in source.state_dict().items():
+            if name not in target:
+                raise ValueError(f"--init {path}: the checkpoint has a tensor this model lacks ({name})")
+            dest = target[name]
+            rgb = dest[:3] if dest.dim() == 1 else dest[:, :3]  # output channels: dim 1 of a transposed conv's weight
+            if dest.shape == value.shape:
+                dest.copy_(value)
+            elif name.startswith("decoder.to_rgb.") and rgb.shape == value.shape:
+                rgb.copy_(value)
+            else:
+                raise ValueError(f"--init {path}: {name} has shape {tuple(value.shape)}, this model needs {tuple(dest.shape)}")
+    card = source.card
+    return {"path": str(path), "name": card.get("name"), "variant": source.config.variant,
+            "sha256": card["tensors"]["sha256"], "steps": card.get("training", {}).get("steps")}
 
 
 def build_model_config(cfg: TrainConfig, source: PairSource) -> ModelConfig:
@@ -351,10 +379,17 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
 
     training_meta = {
         "data": source.describe(),
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("out", "resume", "progress")},
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("out", "resume", "progress", "init")},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world_size": d.world_size,
     }
+    if cfg.init:
+        # every rank copies the same weights, so the DDP replicas start equal; a resumed run keeps the first card's record
+        init = initialise_from(model, cfg.init) if step == 0 else state.get("init")
+        if init:
+            training_meta["init"] = init
+            if d.main and step == 0:
+                log.info("initialised from %s (%s, %s steps)", cfg.init, init["variant"], init["steps"])
 
     def save_all(at_step: int) -> Path | None:
         """Rank 0: the inference checkpoint, then the training state (each written atomically)."""
@@ -371,6 +406,7 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
                 **trainer.state_dict(),
                 "rng_cpu": rng_cpu,
                 "rng_cuda": rng_cuda,
+                "init": training_meta.get("init"),
             },
             state_path,
         )

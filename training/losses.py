@@ -61,10 +61,13 @@ def masked_reconstruction(rgb: torch.Tensor, mask: torch.Tensor, base: torch.Ten
     return reconstruction(composite(rgb, mask, base), target)
 
 
-def mask_reconstruction(rgb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The mask paper's second reconstruction, through the raw generator: L1(rgb_a, a). Without it the RGB under a
-    small mask is free to be anything; with it the generator renders the whole image and the mask only selects."""
-    return reconstruction(rgb, target)
+def mask_reconstruction(rgb: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mask paper's second reconstruction: the attribute decoder's output drawn through its mask over the real
+    image must give the image back, L1(m_a * rgb_a + (1 - m_a) * a, a) = mean(m_a * |rgb_a - a|), and likewise for
+    b. This is what keeps a mask small without a sparsity term: a pixel left open costs whatever the generated
+    image gets wrong there, so the mask opens only where the masked reconstruction needs it (the attribute, which
+    the attribute-free base lacks) and the generator draws it right."""
+    return reconstruction(composite(rgb, mask, target), target)
 
 
 def code_cycle(common_t: torch.Tensor, sep_t: torch.Tensor, common_content: torch.Tensor, sep_guide: torch.Tensor) -> torch.Tensor:
@@ -74,6 +77,6 @@ def code_cycle(common_t: torch.Tensor, sep_t: torch.Tensor, common_content: torc
 
 
 def mask_sparsity(*masks: torch.Tensor) -> torch.Tensor:
-    """mean(m) over the masks of the step: the only pressure that keeps a mask to the attribute's region (the
-    reconstruction alone is as happy with m = 1 everywhere)."""
+    """mean(m) over the masks of the step: an optional extra push towards small masks (off by default; the second
+    reconstruction already closes the mask wherever it is not needed)."""
     return torch.stack([m.mean() for m in masks]).mean()
