@@ -242,6 +242,24 @@ def test_init_starts_a_mask_model_from_a_plain_checkpoint(tmp_path: Path) -> Non
     assert read_card(out / "model.json")["training"]["init"] == record | {"path": str(tmp_path / "plain")}
 
 
+def test_frozen_encoders_keep_their_weights() -> None:
+    torch.manual_seed(0)
+    cfg = TrainConfig(variant="mask", width="tiny", batch_size=2, freeze_encoders=True)
+    trainer = Trainer(cfg, preset("tiny", image_size=64, variant="mask"), torch.device("cpu"))
+    params = dict(trainer.model.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
+    trainer.step(_images(2, 40), _images(2, 41))
+    frozen = [k for k in params if not k.startswith("decoder.")]
+    assert frozen and all(torch.equal(params[k], before[k]) for k in frozen)
+    assert all(not torch.equal(params[k], before[k]) for k in params if k.startswith("decoder."))
+
+
+def test_freeze_encoders_needs_a_starting_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["train", "--variant", "mask", "--image-size", "64", "--batch-size", "2", "--steps", "1", "--width", "tiny",
+               "--freeze-encoders", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert rc != 0 and "--freeze-encoders needs --init" in capsys.readouterr().err
+
+
 def test_init_refuses_a_checkpoint_of_other_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     save(Disentangler(preset("tiny", image_size=128)), tmp_path / "big")
     rc = main(["train", "--variant", "mask", "--image-size", "64", "--batch-size", "2", "--steps", "1", "--width", "tiny",

@@ -79,6 +79,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log.jsonl, samples/, train_state.pt)")
     run.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda or cuda:N")
     run.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    run.add_argument("--freeze-encoders", action="store_true",
+                     help="train the decoder alone, on the codes of the starting (--init) checkpoint's encoders")
     run.add_argument("--init", metavar="CHECKPOINT", default="",
                      help="start from this checkpoint's weights (fine-tuning; a plain checkpoint can start a mask model "
                           "of the same sizes, which then learns only its mask channel from scratch)")
@@ -120,9 +122,11 @@ def run_train(args: argparse.Namespace) -> int:
         mask_recon_weight=args.mask_recon_weight, cycle_weight_a=args.cycle_weight_a, cycle_weight_b=args.cycle_weight_b,
         mask_weight=args.mask_weight, clip=args.clip, seed=args.seed, device=args.device, amp=args.amp,
         log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
-        save_dtype=args.save_dtype, num_workers=args.num_workers, resume=args.resume, init=args.init, progress=args.progress,
+        save_dtype=args.save_dtype, num_workers=args.num_workers, resume=args.resume, init=args.init, freeze_encoders=args.freeze_encoders, progress=args.progress,
         model_overrides=overrides,
     )
+    if cfg.freeze_encoders and not (cfg.init or cfg.resume):
+        raise ValueError("--freeze-encoders needs --init CHECKPOINT: frozen encoders of a fresh model give random codes")
     for name in ("steps", "batch_size", "log_every"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

@@ -88,6 +88,7 @@ class TrainConfig:
     num_workers: int = 2
     resume: bool = False
     init: str = ""  # start from this inference checkpoint's weights (fine-tuning); ignored when resuming
+    freeze_encoders: bool = False  # train the decoder alone on the codes of the (--init) encoders
     progress: bool = True
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"sep_channels": 32}
 
@@ -228,7 +229,13 @@ class Trainer:
                              "cycle_a": cfg.cycle_weight_a, "cycle_b": cfg.cycle_weight_b, "mask": cfg.mask_weight}
         self.model = Disentangler(model_cfg).to(device).train()
         self.disc = LatentDiscriminator(model_cfg).to(device).train()
-        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas)
+        if cfg.freeze_encoders:
+            # The codes stay those of the starting checkpoint: a mask head trained on them cannot pull an attribute
+            # into the common code (see docs/evaluation.md, the mask model), and the zero and adversarial terms,
+            # which reach only the encoders, become constants.
+            for encoder in (self.model.enc_common, self.model.enc_a, self.model.enc_b):
+                encoder.requires_grad_(False)
+        self.opt_g = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=cfg.betas)
         self.gen: nn.Module = _Generator(self.model)
         self.disc_ddp: nn.Module = self.disc
