@@ -73,15 +73,20 @@ class Decoder(nn.Module):
 
 
 class LatentDiscriminator(nn.Module):
-    """Common code (N, common, 2, 2) -> logit (N,) that the code came from domain a (training only)."""
+    """Common code (N, common, 2, 2) -> logit (N,) that the code came from domain a (training only).
+
+    Plain linear layers, as in the published code, with no spectral norm: a Lipschitz-bounded discriminator cannot
+    see an attribute that the common code carries in small differences the decoder still reads, and the run with
+    one kept the glasses of 54% of faces through removal where this one keeps 27% (docs/evaluation.md, ablation).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.net = nn.Sequential(
             nn.Flatten(),
-            spectral_norm(nn.Linear(config.common_size, config.disc_hidden)),
+            nn.Linear(config.common_size, config.disc_hidden),
             nn.LeakyReLU(0.2, inplace=True),
-            spectral_norm(nn.Linear(config.disc_hidden, 1)),
+            nn.Linear(config.disc_hidden, 1),
         )
 
     def forward(self, common: torch.Tensor) -> torch.Tensor:

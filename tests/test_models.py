@@ -1,6 +1,7 @@
 """Shapes, round trips and the edit formulas of the Disentangler at every supported size."""
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 from models import Codes, Disentangler, ModelConfig, preset
 from models.networks import LatentDiscriminator
@@ -24,6 +25,13 @@ def test_shapes_round_trip(size: int) -> None:
     assert codes.sep_a.shape == codes.sep_b.shape == (2, cfg.sep_channels, 2, 2)
     assert y.shape == x.shape and y.abs().max() <= 1
     assert LatentDiscriminator(cfg)(codes.common).shape == (2,)
+
+
+def test_latent_discriminator_is_not_lipschitz_bounded() -> None:
+    """The published discriminator is two plain linear layers; the encoders keep their spectral norm."""
+    model, disc = Disentangler(preset("tiny", image_size=64)), LatentDiscriminator(preset("tiny", image_size=64))
+    assert not any(parametrize.is_parametrized(m) for m in disc.modules())
+    assert parametrize.is_parametrized(model.enc_common.head)
 
 
 def test_published_sizes() -> None:

@@ -269,11 +269,8 @@ class Trainer:
         self.opt_d.step()
 
         # (2) encoders + decoder. The adversarial term reads the updated discriminator through detached copies of
-        # its parameters, so gradients reach the encoder only and DDP's hooks on the discriminator stay untouched;
-        # eval() reuses the spectral norm's power iteration of (1) instead of advancing it again.
-        self.disc.eval()
+        # its parameters, so gradients reach the encoder only and DDP's hooks on the discriminator stay untouched.
         adv_logits = functional_call(self.disc, {k: v.detach() for k, v in self.disc.named_parameters()}, (common,))
-        self.disc.train()
         terms["adv"] = losses.adversarial(adv_logits[:n], adv_logits[n:])
         loss_g = sum(w * terms[k] for k, w in self.weights.items()) + cfg.adv_weight * terms["adv"]
         self.opt_g.zero_grad(set_to_none=True)
