@@ -63,6 +63,18 @@ def test_resume_without_state_is_a_clear_error(tmp_path: Path, capsys: pytest.Ca
     assert "no train_state.pt" in capsys.readouterr().err
 
 
+def test_resume_of_another_layout_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "old"
+    assert main(_tiny(out, 1)) == 0
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    # the layout of runs made before the discriminator lost its spectral norm
+    state["disc"] = {k.replace("weight", "parametrizations.weight.original"): v for k, v in state["disc"].items()}
+    torch.save(state, out / "train_state.pt")
+    assert main(_tiny(out, 2, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "cannot be resumed" in err and "--init" in err
+
+
 def test_bad_arguments_are_one_line_errors(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     assert main(["train", "--data", "celeba", "--out", str(tmp_path)]) == 2
     assert "--root" in capsys.readouterr().err

@@ -372,7 +372,12 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
         saved_cfg = ModelConfig.from_dict(state["model_config"])
         if saved_cfg != model_cfg:
             raise ValueError(f"--resume: {state_path} was trained with {saved_cfg}, this run builds {model_cfg}")
-        trainer.load_state_dict(state)
+        try:
+            trainer.load_state_dict(state)
+        except RuntimeError as e:  # tensors of another layout, e.g. the spectrally normalised discriminator of old runs
+            first = str(e).splitlines()[0]
+            raise ValueError(f"--resume: {state_path} holds networks of another layout and cannot be resumed ({first}); "
+                             f"start a new run, or a new --out with --init {out / 'model'} to keep its weights") from None
         step = int(state["step"])
         torch.set_rng_state(state["rng_cpu"][d.rank % len(state["rng_cpu"])].cpu())
         if device.type == "cuda" and state.get("rng_cuda"):
