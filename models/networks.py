@@ -77,7 +77,8 @@ class LatentDiscriminator(nn.Module):
 
     Plain linear layers, as in the published code, with no spectral norm: a Lipschitz-bounded discriminator cannot
     see an attribute that the common code carries in small differences the decoder still reads, and the run with
-    one kept the glasses of 54% of faces through removal where this one keeps 27% (docs/evaluation.md, ablation).
+    one kept the glasses of 54% of faces through removal where this one keeps 27% after the same 1,500 steps
+    (docs/evaluation.md, ablation).
     """
 
     def __init__(self, config: ModelConfig):
