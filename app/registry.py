@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 import models
-from models import CheckpointError, Disentangler
+from models import CheckpointError, Disentangler, resolve_device
+from models.checkpoint import DTYPES
 from models.networks import bake_spectral_norm
 
 from .batcher import Batcher
@@ -20,17 +21,6 @@ from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger("did.app")
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CheckpointError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
-
 
 @dataclass
 class LoadedModel:

@@ -13,11 +13,12 @@ import time
 
 import torch
 
+from models import resolve_device
 from models.config import preset
 from models.disentangler import Disentangler
 from models.networks import bake_spectral_norm
 
-from .report import pick_device, sync, table, write_section
+from .report import sync, table, write_section
 
 PUBLISHED_H100 = {1: 4.2, 256: 21_900.0}  # ms per transfer at batch 1; images/s at batch 256
 
@@ -51,7 +52,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement")
     args = p.parse_args()
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     dtypes = {"fp32": torch.float32}
     if device.type == "cuda":
         dtypes |= {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -16,9 +16,10 @@ from typing import Callable
 
 import torch
 
+from models import resolve_device
 from training.synthetic import render, render_with_masks, sample_faces
 
-from .report import pick_device, sync, table, write_section
+from .report import sync, table, write_section
 
 
 
@@ -62,7 +63,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = p.parse_args()
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     rows = []
     for size in args.sizes:
         r = measure(size, args.batch, device, args.seconds)

@@ -15,13 +15,6 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 HEADER = "# Benchmarks\n\nEvery table below was written by the benchmark named in its section, with its command line, machine and date.\n"
 
 
-def pick_device(arg: str) -> torch.device:
-    """A benchmark's --device: 'auto' is CUDA when present, else the CPU."""
-    if arg == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(arg)
-
-
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so a timer measures it (a no-op on the CPU)."""
     if device.type == "cuda":

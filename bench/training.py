@@ -12,10 +12,11 @@ import time
 
 import torch
 
+from models import resolve_device
 from models.config import preset
 from training.loop import Trainer, TrainConfig
 
-from .report import pick_device, sync, table, write_section
+from .report import sync, table, write_section
 
 PUBLISHED_H100_IMAGES_PER_S = 1407.0
 
@@ -48,7 +49,7 @@ def main() -> None:
     p.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both",
                    help="on CUDA: fp32, bf16 autocast (what training uses) or both (default); the CPU runs fp32")
     args = p.parse_args()
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     amps = [False] if device.type != "cuda" else {"both": [False, True], "fp32": [False], "bf16": [True]}[args.precision]
     rows = []
     for spec in args.configs:

@@ -29,6 +29,16 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the reason."""
 
 
+def resolve_device(name: str) -> torch.device:
+    """A --device / DID_DEVICE value: 'auto' is CUDA when present, else the CPU; a CUDA device on a machine
+    without CUDA is refused here, with the flag's value, rather than at the first tensor moved there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
 def paths(path: str | Path) -> tuple[Path, Path]:
     """(card, tensors) for 'DIR/NAME', 'DIR/NAME.json', 'DIR/NAME.safetensors' or a run directory holding model.json."""
     p = Path(path)

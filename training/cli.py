@@ -151,19 +151,12 @@ def run_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(arg: str) -> str:
-    """--device auto: CUDA when present, else the CPU."""
-    import torch
-
-    return arg if arg != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def run_eval(args: argparse.Namespace) -> int:
-    from models import checkpoint
+    from models import checkpoint, resolve_device
 
     from . import evaluate, judge
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if args.n < 2:
         raise ValueError("--n must be at least 2")
     model = checkpoint.load(args.model, device=device)
@@ -202,9 +195,11 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_judge_train(args: argparse.Namespace) -> int:
+    from models import resolve_device
+
     from .judge import train_and_save
 
-    device = _device(args.device)
+    device = str(resolve_device(args.device))
     if args.data == "celeba" and args.root is None:
         raise ValueError("--data celeba needs --root (the CelebA folder)")
     card = train_and_save(args.out, steps=args.steps, batch=args.batch_size, device=device, test_n=args.test_n,
