@@ -240,6 +240,13 @@ def test_init_starts_a_mask_model_from_a_plain_checkpoint(tmp_path: Path) -> Non
                "--init", str(tmp_path / "plain"), "--out", str(out), "--no-progress"])
     assert rc == 0
     assert read_card(out / "model.json")["training"]["init"] == record | {"path": str(tmp_path / "plain")}
+    # resumed without --init, the run still records where its weights started
+    rc = main(["train", "--variant", "mask", "--image-size", "64", "--batch-size", "2", "--steps", "2", "--width", "tiny",
+               "--pair", "smile_glasses", "--sample-every", "0", "--checkpoint-every", "0", "--resume", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    card = read_card(out / "model.json")
+    assert card["training"]["steps"] == 2 and card["training"]["init"] == record | {"path": str(tmp_path / "plain")}
 
 
 def test_frozen_encoders_keep_their_weights() -> None:

@@ -392,13 +392,16 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world_size": d.world_size,
     }
-    if cfg.init:
-        # every rank copies the same weights, so the DDP replicas start equal; a resumed run keeps the first card's record
-        init = initialise_from(model, cfg.init) if step == 0 else state.get("init")
-        if init:
-            training_meta["init"] = init
-            if d.main and step == 0:
-                log.info("initialised from %s (%s, %s steps)", cfg.init, init["variant"], init["steps"])
+    if cfg.resume:  # the weights come from the state; its record of where they started carries over
+        init = state.get("init")
+    elif cfg.init:  # every rank copies the same weights, so the DDP replicas start equal
+        init = initialise_from(model, cfg.init)
+        if d.main:
+            log.info("initialised from %s (%s, %s steps)", cfg.init, init["variant"], init["steps"])
+    else:
+        init = None
+    if init:
+        training_meta["init"] = init
 
     def save_all(at_step: int) -> Path | None:
         """Rank 0: the inference checkpoint, then the training state (each written atomically)."""
@@ -415,7 +418,7 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
                 **trainer.state_dict(),
                 "rng_cpu": rng_cpu,
                 "rng_cuda": rng_cuda,
-                "init": training_meta.get("init"),
+                "init": init,
             },
             state_path,
         )
