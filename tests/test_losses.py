@@ -13,6 +13,23 @@ def test_reconstruction_is_mean_l1() -> None:
     assert losses.reconstruction(recon, target).item() == (1 + 0 + 0.5 + 2) / 4
 
 
+def test_structure_is_one_minus_ssim() -> None:
+    # Flat images have no variance, so SSIM is its luminance term alone: (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1)
+    # with C1 = (0.01 * data range)^2, on the [0, 1] scale ([-1, 1] inputs -> [0, 1]).
+    x = torch.full((2, 3, 32, 32), -0.6)  # 0.2 on [0, 1]
+    y = torch.full((2, 3, 32, 32), 0.4)  # 0.7
+    c1 = 0.01**2
+    expected = 1 - (2 * 0.2 * 0.7 + c1) / (0.2**2 + 0.7**2 + c1)
+    assert math.isclose(losses.structure(x, y).item(), expected, rel_tol=1e-4)
+    z = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert abs(losses.structure(z, z).item()) < 1e-5
+    # A thin dark line missing from a flat image costs far more in structure than in L1 (its share of the pixels).
+    line = torch.zeros(1, 3, 32, 32)
+    line[..., 16, 8:24] = -1.0
+    flat = torch.zeros(1, 3, 32, 32)
+    assert losses.structure(flat, line).item() > 20 * losses.reconstruction(flat, line).item()
+
+
 def test_zero_sums_both_cross_codes() -> None:
     sep_a_of_b = torch.tensor([1.0, -1.0, 0.0, 2.0])  # mean |.| = 1
     sep_b_of_a = torch.tensor([0.5, -0.5])  # mean |.| = 0.5

@@ -205,13 +205,14 @@ def test_did_train_variant_mask(tmp_path: Path) -> None:
     out = tmp_path / "mask"
     rc = main(["train", "--variant", "mask", "--image-size", "64", "--batch-size", "2", "--steps", "2", "--width", "tiny",
                "--log-every", "1", "--sample-every", "2", "--checkpoint-every", "0", "--mask-weight", "0.2", "--out", str(out),
-               "--no-progress"])
+               "--structure-weight", "1", "--no-progress"])
     assert rc == 0
     card = read_card(out / "model.json")
     assert card["variant"] == "mask" and card["config"]["variant"] == "mask"
     assert card["training"]["config"]["mask_weight"] == 0.2 and card["training"]["config"]["recon_weight"] == 7.0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert set(MASK_METRICS) <= set(log[-1])
+    assert 0 < log[-1]["structure_a"] <= 2 and 0 < log[-1]["structure_b"] <= 2  # on the masked reconstructions
     assert (out / "samples" / "step_0000002.png").exists()
     assert load(out).config.variant == "mask"
 

@@ -75,6 +75,37 @@ def test_resume_of_another_layout_is_a_clear_error(tmp_path: Path, capsys: pytes
     assert "cannot be resumed" in err and "--init" in err
 
 
+def test_disc_steps_updates_the_discriminator_that_often(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "k3"
+    assert main(_tiny(out, 2, "--disc-steps", "3")) == 0
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    d_steps = {int(s["step"]) for s in state["opt_d"]["state"].values()}
+    g_steps = {int(s["step"]) for s in state["opt_g"]["state"].values()}
+    assert d_steps == {6} and g_steps == {2}
+    assert read_card(out / "model.json")["training"]["config"]["disc_steps"] == 3
+    assert main(_tiny(tmp_path / "k0", 1, "--disc-steps", "0")) == 2
+    assert "disc_steps" in capsys.readouterr().err
+
+
+def test_structure_weight_adds_logged_terms(tmp_path: Path) -> None:
+    out = tmp_path / "ssim"
+    assert main(_tiny(out, 2, "--structure-weight", "2")) == 0
+    log = _log(out)
+    assert all(0 < r["structure_a"] <= 2 and 0 < r["structure_b"] <= 2 for r in log)
+    row = log[-1]
+    # the logged total is the weighted sum, structure included
+    expected = row["recon_a"] + row["recon_b"] + row["zero"] + 0.001 * row["adv"] + 2 * (row["structure_a"] + row["structure_b"])
+    assert row["loss"] == pytest.approx(expected, rel=1e-4)
+    assert read_card(out / "model.json")["training"]["config"]["structure_weight"] == 2
+    assert "structure_a" not in _log_of_plain(tmp_path)
+
+
+def _log_of_plain(tmp_path: Path) -> dict:
+    out = tmp_path / "plain"
+    assert main(_tiny(out, 1)) == 0
+    return _log(out)[-1]
+
+
 def test_bad_arguments_are_one_line_errors(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     assert main(["train", "--data", "celeba", "--out", str(tmp_path)]) == 2
     assert "--root" in capsys.readouterr().err

@@ -71,7 +71,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help=f"mask variant: code cycle of b's images given a's attribute; {by_variant('cycle_weight_b')}")
     opt.add_argument("--mask-weight", type=float,
                      help=f"mask variant: extra sparsity, the mean of the masks; {by_variant('mask_weight')}")
+    opt.add_argument("--structure-weight", type=float, default=d.structure_weight,
+                     help="add W * (1 - SSIM) to each reconstruction (not in the papers; default 0: L1 only); "
+                          "makes thin features such as a mouth learnable early")
     opt.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip for both nets")
+    opt.add_argument("--disc-steps", type=int, default=d.disc_steps,
+                     help="latent-discriminator updates per generator update (default 1, as published)")
     opt.add_argument("--seed", type=int, default=d.seed)
     opt.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA instead of bf16 autocast")
 
@@ -120,7 +125,7 @@ def run_train(args: argparse.Namespace) -> int:
         betas=(args.beta1, args.beta2), variant=args.variant, recon_weight=args.recon_weight,
         recon_weight_b=args.recon_weight_b, zero_weight=args.zero_weight, adv_weight=args.adv_weight,
         mask_recon_weight=args.mask_recon_weight, cycle_weight_a=args.cycle_weight_a, cycle_weight_b=args.cycle_weight_b,
-        mask_weight=args.mask_weight, clip=args.clip, seed=args.seed, device=args.device, amp=args.amp,
+        mask_weight=args.mask_weight, clip=args.clip, structure_weight=args.structure_weight, disc_steps=args.disc_steps, seed=args.seed, device=args.device, amp=args.amp,
         log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
         save_dtype=args.save_dtype, num_workers=args.num_workers, resume=args.resume, init=args.init, freeze_encoders=args.freeze_encoders, progress=args.progress,
         model_overrides=overrides,

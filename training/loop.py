@@ -77,7 +77,9 @@ class TrainConfig:
     cycle_weight_a: float | None = None  # mask variant: code cycle of a's images given b's attribute
     cycle_weight_b: float | None = None  # mask variant: code cycle of b's images given a's attribute
     mask_weight: float | None = None  # mask variant: mean of the masks (extra sparsity; default 0)
+    structure_weight: float = 0.0  # W * (1 - SSIM) added to each reconstruction (not in the papers; 0: L1 only)
     clip: float = 5.0
+    disc_steps: int = 1  # latent-discriminator updates per generator update (the published code: 1)
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -95,6 +97,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.variant not in WEIGHT_DEFAULTS:
             raise ValueError(f"variant must be one of {sorted(WEIGHT_DEFAULTS)}, not {self.variant!r}")
+        if self.structure_weight < 0:
+            raise ValueError(f"structure_weight must not be negative, not {self.structure_weight}")
+        if self.disc_steps < 1:
+            raise ValueError(f"disc_steps must be at least 1, not {self.disc_steps}")
         defaults = dict(WEIGHT_DEFAULTS[self.variant])
         if self.variant == "plain" and self.recon_weight is not None:
             defaults["recon_weight_b"] = self.recon_weight  # plain: one --recon-weight sets both domains
@@ -203,6 +209,7 @@ def _truncate_log(path: Path, after_step: int) -> None:
 METRICS = ("recon_a", "recon_b", "zero", "adv", "disc", "loss")  # plain models
 MASK_METRICS = ("recon_a", "recon_b", "mask_recon_a", "mask_recon_b", "cycle_a", "cycle_b", "mask", "zero", "adv", "disc", "loss")
 VARIANT_METRICS = {"plain": METRICS, "mask": MASK_METRICS}
+STRUCTURE_METRICS = ("structure_a", "structure_b")  # logged when structure_weight > 0
 
 
 def _time_is_up(deadline: float, device: torch.device, world_size: int) -> bool:
@@ -222,11 +229,15 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device, world_size: int = 1):
         self.cfg, self.device = cfg, device
         self.metrics = VARIANT_METRICS[model_cfg.variant]
+        if cfg.structure_weight:
+            self.metrics = self.metrics + STRUCTURE_METRICS
         # the weighted terms of the generator's loss (adv is added after the discriminator's update)
         self.weights = {"recon_a": cfg.recon_weight, "recon_b": cfg.recon_weight_b, "zero": cfg.zero_weight}
         if model_cfg.has_mask:
             self.weights |= {"mask_recon_a": cfg.mask_recon_weight, "mask_recon_b": cfg.mask_recon_weight,
                              "cycle_a": cfg.cycle_weight_a, "cycle_b": cfg.cycle_weight_b, "mask": cfg.mask_weight}
+        if cfg.structure_weight:
+            self.weights |= {"structure_a": cfg.structure_weight, "structure_b": cfg.structure_weight}
         self.model = Disentangler(model_cfg).to(device).train()
         self.disc = LatentDiscriminator(model_cfg).to(device).train()
         if cfg.freeze_encoders:
@@ -255,18 +266,26 @@ class Trainer:
         if isinstance(out, MaskPass):
             codes_a, codes_b = out.codes_a, out.codes_b
             terms = self._mask_terms(out, a, b)
+            rgb, mask = out.rgb.float(), out.mask.float()
+            recon_a = losses.composite(rgb[:n], mask[:n], rgb[2 * n : 3 * n])
+            recon_b = losses.composite(rgb[n : 2 * n], mask[n : 2 * n], rgb[3 * n : 4 * n])
         else:
             codes_a, codes_b, recon_a, recon_b = out
             terms = losses.generator_terms(codes_a, codes_b, recon_a.float(), recon_b.float(), a, b)
+        if cfg.structure_weight:
+            terms["structure_a"], terms["structure_b"] = losses.structure(recon_a, a), losses.structure(recon_b, b)
         common = torch.cat([codes_a.common, codes_b.common]).float()
 
-        # (1) the latent discriminator learns to tell E_c(a) from E_c(b), on codes detached from the encoder.
-        logits = self.disc_ddp(common.detach())
-        loss_d = losses.discriminator(logits[:n], logits[n:])
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.clip)
-        self.opt_d.step()
+        # (1) the latent discriminator learns to tell E_c(a) from E_c(b), on codes detached from the encoder;
+        # `disc_steps` updates on the same codes let it keep up with an encoder that hides the domain in ever
+        # smaller differences (it is a small MLP, so extra updates cost little beside the encoder/decoder pass).
+        for _ in range(cfg.disc_steps):
+            logits = self.disc_ddp(common.detach())
+            loss_d = losses.discriminator(logits[:n], logits[n:])
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.clip)
+            self.opt_d.step()
 
         # (2) encoders + decoder. The adversarial term reads the updated discriminator through detached copies of
         # its parameters, so gradients reach the encoder only and DDP's hooks on the discriminator stay untouched.
