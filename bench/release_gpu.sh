@@ -9,12 +9,14 @@
 # MINUTES is the training time of every run (--max-minutes; each stops and saves at the first log step past it).
 # ADV is the common-space adversary weight of the shipped plain models; the published 0.001 is trained beside
 # it as `published_adv` for comparison. RUNS picks the trainings (default: all eight). EVAL=0 skips the
-# evaluation, BENCH=0 the benchmarks, HTTP=0 the HTTP one. PACK=DIR puts everything into a few tar files there.
+# evaluation, BENCH=0 the benchmarks, HTTP=0 the HTTP one. STRUCTURE is --structure-weight for every run (1: the
+# SSIM term that lets the smile be learned; 0: L1 alone, as published); it needs pytorch-msssim installed. PACK=DIR puts everything into a few tar files there.
 set -u -o pipefail
 OUT=${OUT:-runs/release}
 MINUTES=${MINUTES:-5}
 SIZE=${SIZE:-128}
 ADV=${ADV:-0.02}
+STRUCTURE=${STRUCTURE:-1}
 LR=${LR:-0.0005}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
@@ -26,6 +28,7 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 
 common=(--data synthetic --image-size "$SIZE" --width slim --steps 10000000 --max-minutes "$MINUTES" --lr "$LR" --device "$DEVICE"
+        --structure-weight "$STRUCTURE"
         --save-dtype float16 --no-progress --log-every "${LOG_EVERY:-100}" --sample-every 2500 --checkpoint-every 2500)
 
 run() {  # run NAME FLAGS...: one training in the background, its output in $OUT/NAME.log
