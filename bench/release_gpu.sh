@@ -9,8 +9,9 @@
 # MINUTES is the training time of every run (--max-minutes; each stops and saves at the first log step past it).
 # ADV is the common-space adversary weight of the shipped plain models; the published 0.001 is trained beside
 # it as `published_adv` for comparison. RUNS picks the trainings (default: all eight). EVAL=0 skips the
-# evaluation, BENCH=0 the benchmarks, HTTP=0 the HTTP one. STRUCTURE is --structure-weight for every run (1: the
-# SSIM term that lets the smile be learned; 0: L1 alone, as published); it needs pytorch-msssim installed. PACK=DIR puts everything into a few tar files there.
+# evaluation, BENCH=0 the benchmarks, HTTP=0 the HTTP one. PACK=DIR puts everything into a few tar files there.
+# STRUCTURE is --structure-weight for every run (1: the SSIM term that lets the smile be learned; 0: L1 alone, as
+# published); it needs pytorch-msssim installed.
 set -u -o pipefail
 OUT=${OUT:-runs/release}
 MINUTES=${MINUTES:-5}

@@ -266,9 +266,10 @@ class Trainer:
         if isinstance(out, MaskPass):
             codes_a, codes_b = out.codes_a, out.codes_b
             terms = self._mask_terms(out, a, b)
-            rgb, mask = out.rgb.float(), out.mask.float()
-            recon_a = losses.composite(rgb[:n], mask[:n], rgb[2 * n : 3 * n])
-            recon_b = losses.composite(rgb[n : 2 * n], mask[n : 2 * n], rgb[3 * n : 4 * n])
+            if cfg.structure_weight:  # on the masked reconstructions, composited as in `_mask_terms`
+                rgb, mask = out.rgb.float(), out.mask.float()
+                recon_a = losses.composite(rgb[:n], mask[:n], rgb[2 * n : 3 * n])
+                recon_b = losses.composite(rgb[n : 2 * n], mask[n : 2 * n], rgb[3 * n : 4 * n])
         else:
             codes_a, codes_b, recon_a, recon_b = out
             terms = losses.generator_terms(codes_a, codes_b, recon_a.float(), recon_b.float(), a, b)
