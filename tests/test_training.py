@@ -135,3 +135,38 @@ def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
     assert [r["step"] for r in _log(out)] == [3, 6]
     assert sorted(p.name for p in out.glob("*.json")) == ["model.json"]
     load(out)
+
+
+def test_removal_weight_charges_the_attribute_free_decode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "removal"
+    assert main(_tiny(out, 2, "--removal-weight", "3")) == 0
+    log = _log(out)
+    assert all(r["removal"] > 0 for r in log)
+    row = log[-1]
+    expected = row["recon_a"] + row["recon_b"] + row["zero"] + 0.001 * row["adv"] + 3 * row["removal"]
+    assert row["loss"] == pytest.approx(expected, rel=1e-4)
+    assert read_card(out / "model.json")["training"]["config"]["removal_weight"] == 3
+    assert "removal" not in _log_of_plain(tmp_path)
+    assert main(_tiny(tmp_path / "neg", 1, "--removal-weight", "-1")) == 2
+    assert "removal_weight" in capsys.readouterr().err
+    # the mask variant charges the attribute-free bases its pass already decodes
+    assert main(_tiny(tmp_path / "mask", 1, "--variant", "mask", "--removal-weight", "1")) == 0
+    assert _log(tmp_path / "mask")[-1]["removal"] > 0
+
+
+def test_removal_term_reads_the_separate_encoders_without_training_them() -> None:
+    """The term's gradient reaches the decoder and the common encoder, never the separate encoders that judge."""
+    from models.config import preset
+    from training.loop import TrainConfig, Trainer
+
+    cfg = TrainConfig(width="tiny", removal_weight=1.0, batch_size=2)
+    trainer = Trainer(cfg, preset("tiny", image_size=64), torch.device("cpu"))
+    out = trainer.gen(torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert out.removed is not None and out.removed.shape == (4, 3, 64, 64)
+    expected = trainer.model.decode(torch.cat([out.codes_a.common, out.codes_b.common]))
+    torch.testing.assert_close(out.removed, expected)
+    trainer._removal_term(out.removed).backward()
+    separate = [p for enc in (trainer.model.enc_a, trainer.model.enc_b) for p in enc.parameters()]
+    assert all(p.grad is None or not p.grad.any() for p in separate)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.decoder.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.enc_common.parameters())

@@ -74,6 +74,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--structure-weight", type=float, default=d.structure_weight,
                      help="add W * (1 - SSIM) to each reconstruction (not in the papers; default 0: L1 only); "
                           "makes thin features such as a mouth learnable early")
+    opt.add_argument("--removal-weight", type=float, default=d.removal_weight,
+                     help="add W * |E_s(G(E_c(x), 0, 0))|, the separate encoders' answer on the attribute-free "
+                          "decode (not in the papers; default 0); charges what the common code leaks into it")
     opt.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip for both nets")
     opt.add_argument("--disc-steps", type=int, default=d.disc_steps,
                      help="latent-discriminator updates per generator update (default 1, as published)")
@@ -125,7 +128,8 @@ def run_train(args: argparse.Namespace) -> int:
         betas=(args.beta1, args.beta2), variant=args.variant, recon_weight=args.recon_weight,
         recon_weight_b=args.recon_weight_b, zero_weight=args.zero_weight, adv_weight=args.adv_weight,
         mask_recon_weight=args.mask_recon_weight, cycle_weight_a=args.cycle_weight_a, cycle_weight_b=args.cycle_weight_b,
-        mask_weight=args.mask_weight, structure_weight=args.structure_weight, clip=args.clip, disc_steps=args.disc_steps,
+        mask_weight=args.mask_weight, structure_weight=args.structure_weight, removal_weight=args.removal_weight,
+        clip=args.clip, disc_steps=args.disc_steps,
         seed=args.seed, device=args.device, amp=args.amp,
         log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
         save_dtype=args.save_dtype, num_workers=args.num_workers, resume=args.resume, init=args.init, freeze_encoders=args.freeze_encoders, progress=args.progress,

@@ -78,6 +78,7 @@ class TrainConfig:
     cycle_weight_b: float | None = None  # mask variant: code cycle of b's images given a's attribute
     mask_weight: float | None = None  # mask variant: mean of the masks (extra sparsity; default 0)
     structure_weight: float = 0.0  # W * (1 - SSIM) added to each reconstruction (not in the papers; 0: L1 only)
+    removal_weight: float = 0.0  # W * |E_s(G(E_c(x), 0, 0))|: the removal re-encodes to no attribute (ours)
     clip: float = 5.0
     disc_steps: int = 1  # latent-discriminator updates per generator update (the published code: 1)
     seed: int = 0
@@ -99,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"variant must be one of {sorted(WEIGHT_DEFAULTS)}, not {self.variant!r}")
         if self.structure_weight < 0:
             raise ValueError(f"structure_weight must not be negative, not {self.structure_weight}")
+        if self.removal_weight < 0:
+            raise ValueError(f"removal_weight must not be negative, not {self.removal_weight}")
         if self.disc_steps < 1:
             raise ValueError(f"disc_steps must be at least 1, not {self.disc_steps}")
         defaults = dict(WEIGHT_DEFAULTS[self.variant])
@@ -157,6 +160,17 @@ class MaskPass(NamedTuple):
     cycle: Codes  # (2n, ...): E(translated a), E(translated b)
 
 
+class PlainPass(NamedTuple):
+    """One forward pass of the plain variant: the codes, the two reconstructions and, when the removal term is on,
+    the attribute-free decodes G(c_a, 0, 0), G(c_b, 0, 0) as one (2n, ...) block (else None)."""
+
+    codes_a: Codes
+    codes_b: Codes
+    recon_a: torch.Tensor
+    recon_b: torch.Tensor
+    removed: torch.Tensor | None
+
+
 class _Generator(nn.Module):
     """The encoders and decoder as one forward pass, so DistributedDataParallel sees every parameter used.
 
@@ -164,20 +178,26 @@ class _Generator(nn.Module):
     this equals two passes and runs faster). The mask variant decodes all six of its images in one call and
     re-encodes its translations in a second encoder call."""
 
-    def __init__(self, model: Disentangler):
+    def __init__(self, model: Disentangler, removal: bool = False):
         super().__init__()
         self.model = model
+        self.removal = removal  # plain: also decode G(c, 0, 0) for the removal term
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[Codes, Codes, torch.Tensor, torch.Tensor] | MaskPass:
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> PlainPass | MaskPass:
         n = a.shape[0]
         codes = self.model.encode(torch.cat([a, b]))
         codes_a, codes_b = codes.index(slice(0, n)), codes.index(slice(n, None))
         zeros = torch.zeros_like(codes_a.sep_a)
         if self.model.config.has_mask:
             return self._mask_pass(codes_a, codes_b, zeros)
-        # Reconstruct a with its own separate code and b's code zeroed, and b the other way round.
-        recon = self.model.decode(codes.common, torch.cat([codes_a.sep_a, zeros]), torch.cat([zeros, codes_b.sep_b]))
-        return codes_a, codes_b, recon[:n], recon[n:]
+        # Reconstruct a with its own separate code and b's code zeroed, and b the other way round; with the removal
+        # term, the attribute-free decodes of both domains ride in the same decoder call.
+        common, sep_a, sep_b = codes.common, torch.cat([codes_a.sep_a, zeros]), torch.cat([zeros, codes_b.sep_b])
+        if self.removal:
+            none = torch.zeros_like(sep_a)
+            common, sep_a, sep_b = torch.cat([common, common]), torch.cat([sep_a, none]), torch.cat([sep_b, none])
+        out = self.model.decode(common, sep_a, sep_b)
+        return PlainPass(codes_a, codes_b, out[:n], out[n : 2 * n], out[2 * n :] if self.removal else None)
 
     def _mask_pass(self, codes_a: Codes, codes_b: Codes, zeros: torch.Tensor) -> MaskPass:
         n = zeros.shape[0]
@@ -210,6 +230,7 @@ METRICS = ("recon_a", "recon_b", "zero", "adv", "disc", "loss")  # plain models
 MASK_METRICS = ("recon_a", "recon_b", "mask_recon_a", "mask_recon_b", "cycle_a", "cycle_b", "mask", "zero", "adv", "disc", "loss")
 VARIANT_METRICS = {"plain": METRICS, "mask": MASK_METRICS}
 STRUCTURE_METRICS = ("structure_a", "structure_b")  # logged when structure_weight > 0
+REMOVAL_METRICS = ("removal",)  # logged when removal_weight > 0
 
 
 def _time_is_up(deadline: float, device: torch.device, world_size: int) -> bool:
@@ -238,6 +259,9 @@ class Trainer:
                              "cycle_a": cfg.cycle_weight_a, "cycle_b": cfg.cycle_weight_b, "mask": cfg.mask_weight}
         if cfg.structure_weight:
             self.weights |= {"structure_a": cfg.structure_weight, "structure_b": cfg.structure_weight}
+        if cfg.removal_weight:
+            self.metrics = self.metrics + REMOVAL_METRICS
+            self.weights |= {"removal": cfg.removal_weight}
         self.model = Disentangler(model_cfg).to(device).train()
         self.disc = LatentDiscriminator(model_cfg).to(device).train()
         if cfg.freeze_encoders:
@@ -248,7 +272,7 @@ class Trainer:
                 encoder.requires_grad_(False)
         self.opt_g = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=cfg.betas)
-        self.gen: nn.Module = _Generator(self.model)
+        self.gen: nn.Module = _Generator(self.model, removal=bool(cfg.removal_weight))
         self.disc_ddp: nn.Module = self.disc
         if world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
@@ -266,13 +290,17 @@ class Trainer:
         if isinstance(out, MaskPass):
             codes_a, codes_b = out.codes_a, out.codes_b
             terms = self._mask_terms(out, a, b)
+            if cfg.removal_weight:  # the attribute-free bases G(c_a, 0, 0), G(c_b, 0, 0) of the pass
+                terms["removal"] = self._removal_term(out.rgb[2 * n : 4 * n])
             if cfg.structure_weight:  # on the masked reconstructions, composited as in `_mask_terms`
                 rgb, mask = out.rgb.float(), out.mask.float()
                 recon_a = losses.composite(rgb[:n], mask[:n], rgb[2 * n : 3 * n])
                 recon_b = losses.composite(rgb[n : 2 * n], mask[n : 2 * n], rgb[3 * n : 4 * n])
         else:
-            codes_a, codes_b, recon_a, recon_b = out
+            codes_a, codes_b, recon_a, recon_b = out.codes_a, out.codes_b, out.recon_a, out.recon_b
             terms = losses.generator_terms(codes_a, codes_b, recon_a.float(), recon_b.float(), a, b)
+            if out.removed is not None:
+                terms["removal"] = self._removal_term(out.removed)
         if cfg.structure_weight:
             terms["structure_a"], terms["structure_b"] = losses.structure(recon_a, a), losses.structure(recon_b, b)
         common = torch.cat([codes_a.common, codes_b.common]).float()
@@ -299,6 +327,15 @@ class Trainer:
         self.opt_g.step()
         terms["disc"], terms["loss"] = loss_d, loss_g
         return torch.stack([terms[k] for k in self.metrics]).detach().float()
+
+    def _removal_term(self, removed: torch.Tensor) -> torch.Tensor:
+        """losses.removal_codes on G(c, 0, 0) of both domains, read by the separate encoders through detached copies
+        of their parameters: they stay detectors trained by the reconstructions and the zero term alone, and the
+        gradient reaches the decoder and, through c, the common encoder."""
+        with self.autocast():
+            codes = [functional_call(enc, {k: v.detach() for k, v in enc.named_parameters()}, (removed,))
+                     for enc in (self.model.enc_a, self.model.enc_b)]
+        return losses.removal_codes(codes[0].float(), codes[1].float())
 
     @staticmethod
     def _mask_terms(out: MaskPass, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
