@@ -11,13 +11,17 @@
 # it as `published_adv` for comparison. RUNS picks the trainings (default: all eight). EVAL=0 skips the
 # evaluation, BENCH=0 the benchmarks, HTTP=0 the HTTP one. PACK=DIR puts everything into a few tar files there.
 # STRUCTURE is --structure-weight for every run (1: the SSIM term that lets the smile be learned; 0: L1 alone, as
-# published); it needs pytorch-msssim installed.
+# published); it needs pytorch-msssim installed. The mask model adds --removal-weight MASK_REMOVAL (default 5: without
+# it the attribute-free decode draws the glasses itself and the mask never opens on them) at adversarial weight
+# MASK_ADV (default 0.12, the plain 0.02 scaled by the mask losses' reconstruction weights).
 set -u -o pipefail
 OUT=${OUT:-runs/release}
 MINUTES=${MINUTES:-5}
 SIZE=${SIZE:-128}
 ADV=${ADV:-0.02}
 STRUCTURE=${STRUCTURE:-1}
+MASK_REMOVAL=${MASK_REMOVAL:-5}
+MASK_ADV=${MASK_ADV:-0.12}
 LR=${LR:-0.0005}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
@@ -44,7 +48,7 @@ declare -A FLAGS=(
     [smile_glasses]="--pair smile_glasses --adv-weight $ADV"
     [beard_smile]="--pair beard_smile --adv-weight $ADV"
     [beard_glasses]="--pair beard_glasses --adv-weight $ADV"
-    [smile_glasses_mask]="--pair smile_glasses --variant mask"
+    [smile_glasses_mask]="--pair smile_glasses --variant mask --adv-weight $MASK_ADV --removal-weight $MASK_REMOVAL"
     [ablation_no_zero]="--pair smile_glasses --adv-weight $ADV --zero-weight 0"
     [ablation_no_adv]="--pair smile_glasses --adv-weight 0"
     [ablation_neither]="--pair smile_glasses --adv-weight 0 --zero-weight 0"
