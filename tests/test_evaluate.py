@@ -166,6 +166,33 @@ def test_did_eval_on_a_mask_model_adds_mask_iou(tmp_path: Path, judge_for_eval: 
     assert set(result["outside_psnr"]) >= {"a_to_b", "b_to_a"}
 
 
+def test_did_eval_compares_a_mask_model_with_a_plain_one_on_the_same_faces(tmp_path: Path, judge_for_eval: Path,
+                                                                           capsys: pytest.CaptureFixture):
+    mask, plain = _tiny_model(tmp_path, "mask"), _tiny_model(tmp_path, "plain")
+    out = tmp_path / "cmp.json"
+    assert did(["eval", "--model", str(mask), "--compare", str(plain), "--judge", str(judge_for_eval), "--n", "8",
+                "--device", "cpu", "--json", str(out)]) == 0
+    alone = json.loads(out.read_text())
+    beside = json.loads((tmp_path / "cmp.vs-tiny_plain.json").read_text())
+    assert (alone["model"]["variant"], beside["model"]["variant"]) == ("mask", "plain")
+    assert alone["data"] == beside["data"], "compared models must be measured on the same faces"
+    for r in (alone, beside):
+        assert {"remove", "remove_a", "remove_b"} <= set(r["kid"]) and {"remove_a", "remove_b"} <= set(r["similarity"])
+    md = out.with_suffix(".md").read_text()
+    removal_rows = [line for line in md.splitlines() if line.startswith("| tiny_")]
+    assert len(removal_rows) == 8, md  # 2 directions + 2 removed attributes, for each model
+    assert "| tiny_plain | plain | glasses | " in md and "| tiny_mask | mask | smile | " in md
+    assert "| removed | classification |" in capsys.readouterr().out
+
+
+def test_did_eval_refuses_to_compare_models_of_other_domains(tmp_path: Path, judge_for_eval: Path,
+                                                             capsys: pytest.CaptureFixture):
+    other = models.save(Disentangler(preset("tiny", image_size=64, domain_a="beard", domain_b="glasses")), tmp_path / "bg")
+    assert did(["eval", "--model", str(_tiny_model(tmp_path)), "--compare", str(other), "--judge", str(judge_for_eval),
+                "--n", "4", "--device", "cpu"]) == 2
+    assert "only like models compare" in capsys.readouterr().err
+
+
 def test_judge_and_eval_on_celeba_format_data(tmp_path: Path):
     from tests.celeba_fixture import make_celeba
 

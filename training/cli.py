@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from models.config import PRESETS, VARIANTS
 
@@ -162,28 +162,38 @@ def run_preview(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from models import checkpoint, resolve_device
+    from models import Disentangler, checkpoint, resolve_device
 
     from . import evaluate, judge
 
     device = resolve_device(args.device)
     if args.n < 2:
         raise ValueError("--n must be at least 2")
+    if args.data == "celeba" and args.root is None:
+        raise ValueError("--data celeba needs --root (the CelebA folder)")
     model = checkpoint.load(args.model, device=device)
-    if args.data == "celeba":
-        if args.root is None:
-            raise ValueError("--data celeba needs --root (the CelebA folder)")
-        result = evaluate.evaluate_celeba(model, judge.load(args.judge, device), root=args.root, n=args.n,
-                                          batch=args.batch, model_path=args.model, judge_path=args.judge)
-    else:
-        result = evaluate.evaluate(model, judge.load(args.judge, device), n=args.n, seed=args.seed, batch=args.batch,
-                                   model_path=args.model, judge_path=args.judge)
-    if args.json:
-        evaluate.write(result, args.json)
-        print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
+    others = [checkpoint.load(path, device=device) for path in args.compare]
+    for path, other in zip(args.compare, others):
+        if (other.config.domain_a, other.config.domain_b, other.config.image_size) != (
+                model.config.domain_a, model.config.domain_b, model.config.image_size):
+            raise ValueError(f"--compare {path}: domains {other.config.domain_a}/{other.config.domain_b} at "
+                             f"{other.config.image_size} px differ from the model's; only like models compare")
+    judge_model = judge.load(args.judge, device)
+
+    def measure(m: Disentangler, path: Path) -> dict[str, Any]:
+        if args.data == "celeba":
+            return evaluate.evaluate_celeba(m, judge_model, root=args.root, n=args.n, batch=args.batch,
+                                            model_path=path, judge_path=args.judge)
+        return evaluate.evaluate(m, judge_model, n=args.n, seed=args.seed, batch=args.batch, model_path=path,
+                                 judge_path=args.judge)
+
+    result = measure(model, args.model)
+    compared = [measure(other, path) for path, other in zip(args.compare, others)]
     if args.record:
         print(f"recorded the headline metrics in {evaluate.record_in_card(args.model, result)}")
-    print(evaluate.markdown([result]), end="")
+    if args.json:
+        print("wrote " + ", ".join(map(str, evaluate.write(result, args.json, compared=compared))))
+    print(evaluate.report([result, *compared]), end="")
     if args.figures:
         from .figures import evaluation_figures
 
@@ -246,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     ev.add_argument("--json", type=Path, help="write the results here (and a markdown table beside it, .md)")
     ev.add_argument("--figures", type=Path, help="write the transfer grids, intersection, removal and interpolation figures here")
+    ev.add_argument("--compare", type=Path, action="append", default=[], metavar="CHECKPOINT",
+                    help="also measure this checkpoint (same domains and size) on the same faces, side by side in the "
+                         "tables, its JSON beside --json's as NAME.vs-OTHER.json; repeatable")
     ev.add_argument("--record", action="store_true", help="also write the headline metrics into the model card (tensors untouched)")
     ev.set_defaults(func=run_eval)
 
