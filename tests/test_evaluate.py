@@ -213,3 +213,20 @@ def test_judge_and_eval_on_celeba_format_data(tmp_path: Path):
     assert result["data"]["source"] == "celeba" and result["data"]["split"] == "test"
     for key in ("membership", "removal", "recon_psnr", "kid", "fid", "similarity"):
         assert result[key], key
+
+
+def test_mask_probe_reports_mask_means_and_refuses_a_plain_model(tmp_path: Path, judge_for_eval: Path):
+    from training import mask_probe
+
+    judge = judge_mod.load(judge_for_eval)
+    report, picture = mask_probe.probe(models.load(_tiny_model(tmp_path, "mask")), judge, n=4)
+    assert set(report) == {"smile", "glasses"}
+    for r in report.values():
+        assert 0.0 <= r["mask_inside"] <= 1.0 and 0.0 <= r["mask_outside"] <= 1.0
+        assert set(r["judge_on_attribute_free_decode"]) == set(judge.config.attributes)
+    assert picture.shape == (2 * 4 * 4, 3, 64, 64) and picture.min() >= -1 and picture.max() <= 1
+    with pytest.raises(ValueError, match="no masks"):
+        mask_probe.probe(models.load(_tiny_model(tmp_path)), judge, n=2)
+    assert mask_probe.main([str(_tiny_model(tmp_path, "mask")), "--judge", str(judge_for_eval), "--n", "2",
+                            "--out", str(tmp_path / "probe.png")]) == 0
+    assert (tmp_path / "probe.png").stat().st_size > 0
