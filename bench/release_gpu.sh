@@ -94,9 +94,11 @@ if [ "${EVAL:-1}" = 1 ] && [ -f "$OUT/judge/judge.json" ]; then
         name=$(basename "$d")
         [ -f "$d/model.json" ] || continue
         figs=(); case $name in smile_glasses|beard_smile|beard_glasses|smile_glasses_mask) figs=(--figures "$OUT/figures/$name");; esac
-        timeout 120 "$PY" -m training.cli eval \
+        # The mask model beside the plain one of its pair, on the same faces: the mask paper's removal table.
+        cmp=(); [ "$name" = smile_glasses_mask ] && [ -f "$OUT/smile_glasses/model.json" ] && cmp=(--compare "$OUT/smile_glasses")
+        timeout 240 "$PY" -m training.cli eval \
             --model "$d" --judge "$OUT/judge/judge" --n "${EVAL_N:-512}" --device "$DEVICE" --json "$OUT/eval/$name.json" \
-            "${figs[@]}" >"$OUT/eval_$name.log" 2>&1 || echo "eval of $name failed: $(tail -n 2 "$OUT/eval_$name.log")"
+            "${figs[@]}" "${cmp[@]}" >"$OUT/eval_$name.log" 2>&1 || echo "eval of $name failed: $(tail -n 2 "$OUT/eval_$name.log")"
     done
     date -u +"evaluation done %FT%TZ"
 fi

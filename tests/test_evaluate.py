@@ -230,3 +230,11 @@ def test_mask_probe_reports_mask_means_and_refuses_a_plain_model(tmp_path: Path,
     assert mask_probe.main([str(_tiny_model(tmp_path, "mask")), "--judge", str(judge_for_eval), "--n", "2",
                             "--out", str(tmp_path / "probe.png")]) == 0
     assert (tmp_path / "probe.png").stat().st_size > 0
+
+
+def test_tables_name_a_training_run_by_its_directory():
+    from training.evaluate import label
+
+    assert label({"model": {"name": "model", "path": "runs/a/s1"}}) == "s1"
+    assert label({"model": {"name": "model", "path": "runs/a/s2/model.json"}}) == "s2"
+    assert label({"model": {"name": "smile_glasses", "path": "weights/smile_glasses"}}) == "smile_glasses"

@@ -293,6 +293,17 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return f"{100 * v:.1f}%" if pct else (f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}")
 
 
+def label(result: dict[str, Any]) -> str:
+    """The model's name in tables: its card's name, or for a training run (whose checkpoint is always `model`)
+    the run directory's name, so that two runs side by side stay apart."""
+    info = result["model"]
+    name, path = info.get("name"), info.get("path")
+    if path and (not name or name == "model"):
+        p = Path(path)
+        return (p.parent if p.suffix in (".json", ".safetensors") or p.name == "model" else p).name or str(path)
+    return name or str(path)
+
+
 def markdown(results: list[dict[str, Any]]) -> str:
     """One table row per (model, direction): the same columns for every model, so runs compare side by side."""
     lines = [
@@ -300,7 +311,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        name = r["model"].get("name") or r["model"].get("path")
+        name = label(r)
         iou = r.get("mask_iou", {})
         for d, own in (("a_to_b", "a"), ("b_to_a", "b")):
             m_iou = f"{_fmt(iou[own]['at_0.5'])} / {_fmt(iou[own]['best'])}" if iou else "-"
@@ -321,7 +332,7 @@ def removal_markdown(results: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        name = r["model"].get("name") or r["model"].get("path")
+        name = label(r)
         gt = r.get("gt_remove", {}).get("psnr", {})
         for own, attr in zip("ab", r["model"]["domains"]):
             key = f"remove_{own}"
@@ -346,7 +357,7 @@ def write(result: dict[str, Any], json_path: Path, md_path: Path | None = None,
     written = [json_path]
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     for i, other in enumerate(compared):
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(other["model"].get("name") or i))
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", label(other) or str(i))
         path = json_path.with_name(f"{json_path.stem}.vs-{name}.json")
         if path in written:
             path = json_path.with_name(f"{json_path.stem}.vs-{name}-{i}.json")
