@@ -28,7 +28,9 @@ from pathlib import Path
 
 import httpx
 
-from .report import table, write_section
+from training.markdown import table
+
+from .report import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {

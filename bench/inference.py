@@ -17,8 +17,9 @@ from models import resolve_device
 from models.config import preset
 from models.disentangler import Disentangler
 from models.networks import bake_spectral_norm
+from training.markdown import table
 
-from .report import sync, table, write_section
+from .report import sync, write_section
 
 PUBLISHED_H100 = {1: 4.2, 256: 21_900.0}  # ms per transfer at batch 1; images/s at batch 256
 

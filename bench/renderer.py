@@ -18,8 +18,9 @@ import torch
 
 from models import resolve_device
 from training.synthetic import render, render_with_masks, sample_faces
+from training.markdown import table
 
-from .report import sync, table, write_section
+from .report import sync, write_section
 
 
 

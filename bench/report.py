@@ -37,13 +37,6 @@ def machine() -> str:
     return f"{dev}; {platform.system()} {platform.machine()}; Python {platform.python_version()}; PyTorch {torch.__version__}"
 
 
-def table(headers: list[str], rows: list[list[object]]) -> str:
-    """A markdown table."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def write_section(name: str, title: str, body: str, doc: Path = DOC) -> Path:
     """Replace (or append) the section `name` of docs/benchmarks.md with `body`, stamped with command, machine, date.
 

@@ -15,8 +15,9 @@ import torch
 from models import resolve_device
 from models.config import preset
 from training.loop import Trainer, TrainConfig
+from training.markdown import table
 
-from .report import sync, table, write_section
+from .report import sync, write_section
 
 PUBLISHED_H100_IMAGES_PER_S = 1407.0
 

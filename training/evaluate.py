@@ -25,6 +25,7 @@ from models import checkpoint
 from models.disentangler import Disentangler
 
 from . import metrics, synthetic
+from .markdown import table
 from .judge import Judge
 
 log = logging.getLogger("did.eval")
@@ -306,42 +307,36 @@ def label(result: dict[str, Any]) -> str:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     """One table row per (model, direction): the same columns for every model, so runs compare side by side."""
-    lines = [
-        "| model | direction | membership | removal | gt PSNR (dB) | gt L1 | recon PSNR | KID | FID | similarity | outside PSNR | mask IoU (0.5 / best) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for r in results:
-        name = label(r)
         iou = r.get("mask_iou", {})
         for d, own in (("a_to_b", "a"), ("b_to_a", "b")):
-            m_iou = f"{_fmt(iou[own]['at_0.5'])} / {_fmt(iou[own]['best'])}" if iou else "-"
-            lines.append(
-                f"| {name} | {r['directions'][d]} | {_fmt(r['membership'][d], True)} | {_fmt(r['removal'][own], True)} | "
-                f"{_fmt(r['gt_psnr'].get(d))} | {_fmt(r['gt_l1'].get(d))} | {_fmt(r['recon_psnr'][own])} | "
-                f"{_fmt(r['kid'][d])} | {_fmt(r['fid'][d])} | {_fmt(r['similarity'][d])} | {_fmt(r['outside_psnr'].get(d))} | {m_iou} |"
-            )
-    return "\n".join(lines) + "\n"
+            rows.append([
+                label(r), r["directions"][d], _fmt(r["membership"][d], True), _fmt(r["removal"][own], True),
+                _fmt(r["gt_psnr"].get(d)), _fmt(r["gt_l1"].get(d)), _fmt(r["recon_psnr"][own]), _fmt(r["kid"][d]),
+                _fmt(r["fid"][d]), _fmt(r["similarity"][d]), _fmt(r["outside_psnr"].get(d)),
+                f"{_fmt(iou[own]['at_0.5'])} / {_fmt(iou[own]['best'])}" if iou else "-",
+            ])
+    return table(("model", "direction", "membership", "removal", "gt PSNR (dB)", "gt L1", "recon PSNR", "KID", "FID",
+                  "similarity", "outside PSNR", "mask IoU (0.5 / best)"), rows) + "\n"
 
 
 def removal_markdown(results: list[dict[str, Any]]) -> str:
     """The mask paper's removal table, one row per (model, removed attribute): classification (the judge finds
     neither attribute on the output), KID and FID against unseen attribute-free faces, similarity to the input, and
     on the synthetic benchmark the ground-truth PSNR and the PSNR outside the attribute's true region."""
-    lines = [
-        "| model | variant | removed | classification | KID | FID | similarity | gt PSNR (dB) | outside PSNR (dB) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for r in results:
-        name = label(r)
         gt = r.get("gt_remove", {}).get("psnr", {})
         for own, attr in zip("ab", r["model"]["domains"]):
             key = f"remove_{own}"
-            lines.append(
-                f"| {name} | {r['model']['variant']} | {attr} | {_fmt(r['removal'][own], True)} | "
-                f"{_fmt(r['kid'].get(key))} | {_fmt(r['fid'].get(key))} | {_fmt(r['similarity'].get(key))} | "
-                f"{_fmt(gt.get(own))} | {_fmt(r['outside_psnr'].get(key))} |"
-            )
-    return "\n".join(lines) + "\n"
+            rows.append([
+                label(r), r["model"]["variant"], attr, _fmt(r["removal"][own], True), _fmt(r["kid"].get(key)),
+                _fmt(r["fid"].get(key)), _fmt(r["similarity"].get(key)), _fmt(gt.get(own)),
+                _fmt(r["outside_psnr"].get(key)),
+            ])
+    return table(("model", "variant", "removed", "classification", "KID", "FID", "similarity", "gt PSNR (dB)",
+                  "outside PSNR (dB)"), rows) + "\n"
 
 
 def report(results: list[dict[str, Any]]) -> str:
@@ -357,7 +352,7 @@ def write(result: dict[str, Any], json_path: Path, md_path: Path | None = None,
     written = [json_path]
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     for i, other in enumerate(compared):
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", label(other) or str(i))
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", label(other))
         path = json_path.with_name(f"{json_path.stem}.vs-{name}.json")
         if path in written:
             path = json_path.with_name(f"{json_path.stem}.vs-{name}-{i}.json")

@@ -42,12 +42,11 @@ def probe(model: Disentangler, judge: judge_mod.Judge, n: int = 32,
         truth = (masks[attr] > 0.5).float().to(model.device)
         seg, removed = model.segment(x, dom), model.remove(x, dom)
         base = model.decode(model.encode(x).common)
-        seen = judge.to(model.device).eval()(base) > 0
+        seen = judge.to(model.device).eval().predict(base)
         report[attr] = {
             "mask_inside": round(((seg * truth).sum() / truth.sum().clamp(min=1)).item(), 4),
             "mask_outside": round(((seg * (1 - truth)).sum() / (1 - truth).sum().clamp(min=1)).item(), 4),
-            "judge_on_attribute_free_decode": {name: round(seen[:, i].float().mean().item(), 4)
-                                               for i, name in enumerate(judge.config.attributes)},
+            "judge_on_attribute_free_decode": {name: round(v.float().mean().item(), 4) for name, v in seen.items()},
         }
         k = min(8, n)
         rows += [x[:k], seg[:k].expand(-1, 3, -1, -1) * 2 - 1, truth[:k].expand(-1, 3, -1, -1) * 2 - 1, removed[:k]]
