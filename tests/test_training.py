@@ -170,3 +170,36 @@ def test_removal_term_reads_the_separate_encoders_without_training_them() -> Non
     assert all(p.grad is None or not p.grad.any() for p in separate)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.decoder.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.enc_common.parameters())
+
+
+def test_common_noise_is_relative_to_each_codes_size_and_reaches_only_the_decodes(tmp_path: Path,
+                                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from models.config import preset
+    from training.loop import TrainConfig, Trainer, noisy_common
+
+    common = torch.randn(2, 64, 2, 2) * torch.tensor([1.0, 10.0]).view(2, 1, 1, 1)
+    assert noisy_common(common, 0.0) is common
+    torch.manual_seed(0)
+    noise = noisy_common(common, 0.5) - common
+    rms = common.pow(2).mean(dim=(1, 2, 3)).sqrt()
+    # the noise of each image follows that image's code size: a code ten times larger gets ten times the noise
+    ratio = noise.flatten(1).std(1) / (0.5 * rms)
+    assert torch.allclose(ratio, torch.ones(2), atol=0.25), ratio
+
+    # In a training pass the reconstructions are decoded from the noisy code, while the codes handed to the
+    # adversary (codes_a/codes_b) are the clean ones.
+    cfg = TrainConfig(width="tiny", common_noise=1.0, batch_size=2)
+    trainer = Trainer(cfg, preset("tiny", image_size=64), torch.device("cpu"))
+    trainer.model.eval()  # no power iteration between the two encodes, so they can be compared exactly
+    a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    out = trainer.gen(a, b)
+    clean = trainer.model.encode(a)
+    torch.testing.assert_close(out.codes_a.common, clean.common)
+    assert not torch.allclose(out.recon_a, trainer.model.decode(clean.common, clean.sep_a))
+
+    run = tmp_path / "noise"
+    assert main(_tiny(run, 2, "--common-noise", "0.2")) == 0
+    assert read_card(run / "model.json")["training"]["config"]["common_noise"] == 0.2
+    assert main(_tiny(tmp_path / "mask", 1, "--variant", "mask", "--common-noise", "0.2")) == 0
+    assert main(_tiny(tmp_path / "neg", 1, "--common-noise", "-1")) == 2
+    assert "common_noise" in capsys.readouterr().err

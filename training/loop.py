@@ -79,6 +79,7 @@ class TrainConfig:
     mask_weight: float | None = None  # mask variant: mean of the masks (extra sparsity; default 0)
     structure_weight: float = 0.0  # W * (1 - SSIM) added to each reconstruction (not in the papers; 0: L1 only)
     removal_weight: float = 0.0  # W * |E_s(G(E_c(x), 0, 0))|: the removal re-encodes to no attribute (ours)
+    common_noise: float = 0.0  # decode from E_c(x) + noise of this std relative to the code's RMS (ours; 0: off)
     clip: float = 5.0
     disc_steps: int = 1  # latent-discriminator updates per generator update (the published code: 1)
     seed: int = 0
@@ -102,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"structure_weight must not be negative, not {self.structure_weight}")
         if self.removal_weight < 0:
             raise ValueError(f"removal_weight must not be negative, not {self.removal_weight}")
+        if self.common_noise < 0:
+            raise ValueError(f"common_noise must not be negative, not {self.common_noise}")
         if self.disc_steps < 1:
             raise ValueError(f"disc_steps must be at least 1, not {self.disc_steps}")
         defaults = dict(WEIGHT_DEFAULTS[self.variant])
@@ -171,6 +174,22 @@ class PlainPass(NamedTuple):
     removed: torch.Tensor | None
 
 
+def noisy_common(common: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The common code with Gaussian noise of std `sigma` times each image's RMS code value, for training decodes.
+
+    An information bottleneck on the common code (as in LORD, Gabbay and Hoshen, ICLR 2020), not in the papers. The
+    latent adversary stops differences between the domains' common codes that it can see; the decoder can still
+    read an attribute out of differences too small for it (docs/evaluation.md: the bundled models keep the glasses
+    through removal). Noise drowns small differences, so the decoder has to take the attribute from the separate
+    code, whose small values are not noised. The noise follows each image's RMS (detached) because the decoder
+    normalises its first layer per image: only the code's relative size matters, so an absolute noise level could be
+    escaped by scaling the code up. Inference decodes the clean code."""
+    if not sigma:
+        return common
+    rms = common.detach().float().pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().to(common.dtype)
+    return common + sigma * rms * torch.randn_like(common)
+
+
 class _Generator(nn.Module):
     """The encoders and decoder as one forward pass, so DistributedDataParallel sees every parameter used.
 
@@ -178,10 +197,11 @@ class _Generator(nn.Module):
     this equals two passes and runs faster). The mask variant decodes all six of its images in one call and
     re-encodes its translations in a second encoder call."""
 
-    def __init__(self, model: Disentangler, removal: bool = False):
+    def __init__(self, model: Disentangler, removal: bool = False, common_noise: float = 0.0):
         super().__init__()
         self.model = model
         self.removal = removal  # plain: also decode G(c, 0, 0) for the removal term
+        self.common_noise = common_noise  # decodes see noisy_common(E_c(x)); the adversary sees the clean code
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> PlainPass | MaskPass:
         n = a.shape[0]
@@ -192,7 +212,8 @@ class _Generator(nn.Module):
             return self._mask_pass(codes_a, codes_b, zeros)
         # Reconstruct a with its own separate code and b's code zeroed, and b the other way round; with the removal
         # term, the attribute-free decodes of both domains ride in the same decoder call.
-        common, sep_a, sep_b = codes.common, torch.cat([codes_a.sep_a, zeros]), torch.cat([zeros, codes_b.sep_b])
+        common = noisy_common(codes.common, self.common_noise)
+        sep_a, sep_b = torch.cat([codes_a.sep_a, zeros]), torch.cat([zeros, codes_b.sep_b])
         if self.removal:
             none = torch.zeros_like(sep_a)
             common, sep_a, sep_b = torch.cat([common, common]), torch.cat([sep_a, none]), torch.cat([sep_b, none])
@@ -201,7 +222,8 @@ class _Generator(nn.Module):
 
     def _mask_pass(self, codes_a: Codes, codes_b: Codes, zeros: torch.Tensor) -> MaskPass:
         n = zeros.shape[0]
-        ca, cb, sa, sb = codes_a.common, codes_b.common, codes_a.sep_a, codes_b.sep_b
+        common = noisy_common(torch.cat([codes_a.common, codes_b.common]), self.common_noise)
+        ca, cb, sa, sb = common[:n], common[n:], codes_a.sep_a, codes_b.sep_b
         rgb, mask = self.model.decode_parts(
             torch.cat([ca, cb, ca, cb, ca, cb]),
             torch.cat([sa, zeros, zeros, zeros, zeros, sa]),
@@ -272,7 +294,7 @@ class Trainer:
                 encoder.requires_grad_(False)
         self.opt_g = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=cfg.lr, betas=cfg.betas)
-        self.gen: nn.Module = _Generator(self.model, removal=bool(cfg.removal_weight))
+        self.gen: nn.Module = _Generator(self.model, removal=bool(cfg.removal_weight), common_noise=cfg.common_noise)
         self.disc_ddp: nn.Module = self.disc
         if world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
