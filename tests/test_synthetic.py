@@ -245,3 +245,17 @@ def test_cuda_matches_cpu():
     gpu = render(sample_faces(torch.arange(16, device="cuda")), 128)
     assert gpu.device.type == "cuda"
     assert (gpu.cpu() - cpu).abs().max() < 1e-3
+
+
+def test_neither_stream_has_no_attribute_other_people_and_resumes_exactly():
+    sp = SyntheticPairs("smile_glasses", image_size=64)
+    run = sp.neither_batches(4, seed=2)
+    first = [next(run) for _ in range(3)]
+    (idx,) = sp.indices(4, 1, seed=2, streams=("neither",))
+    faces = sample_faces(idx, TRAIN_SEED)
+    assert torch.equal(first[1], render(faces.edit(**{name: False for name in ATTRIBUTES}), 64))
+    assert torch.equal(next(sp.neither_batches(4, seed=2, start_step=2)), first[2])
+    ia, ib = sp.indices(4, 1, seed=2)
+    assert not bool(torch.isin(idx, torch.cat([ia, ib])).any())  # a third group of people
+    masks = attribute_masks(faces.edit(**{name: False for name in ATTRIBUTES}), 64)
+    assert all(float(m.sum()) == 0 for m in masks.values())  # no smile, glasses or beard anywhere

@@ -203,3 +203,50 @@ def test_common_noise_is_relative_to_each_codes_size_and_reaches_only_the_decode
     assert main(_tiny(tmp_path / "mask", 1, "--variant", "mask", "--common-noise", "0.2")) == 0
     assert main(_tiny(tmp_path / "neg", 1, "--common-noise", "-1")) == 2
     assert "common_noise" in capsys.readouterr().err
+
+
+def test_neither_weight_trains_the_attribute_free_decode_on_faces_without_either(tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "neither"
+    assert main(_tiny(out, 2, "--neither-weight", "2", "--structure-weight", "1")) == 0
+    log = _log(out)
+    assert all(r["neither"] > 0 and r["neither_zero"] > 0 for r in log)
+    row = log[-1]
+    expected = (row["recon_a"] + row["recon_b"] + row["zero"] + 0.001 * row["adv"] + row["structure_a"]
+                + row["structure_b"] + 2 * row["neither"] + row["neither_zero"])
+    assert row["loss"] == pytest.approx(expected, rel=1e-4)
+    assert read_card(out / "model.json")["training"]["config"]["neither_weight"] == 2
+    assert "neither" not in _log_of_plain(tmp_path)
+    assert main(_tiny(tmp_path / "mask", 1, "--variant", "mask", "--neither-weight", "1")) == 0
+    assert _log(tmp_path / "mask")[-1]["neither"] > 0
+    assert main(_tiny(tmp_path / "neg", 1, "--neither-weight", "-1")) == 2
+    assert "neither_weight" in capsys.readouterr().err
+
+
+def test_neither_term_decodes_with_both_separate_codes_zero() -> None:
+    from models.config import preset
+    from training.loop import TrainConfig, Trainer
+
+    cfg = TrainConfig(width="tiny", neither_weight=1.0, batch_size=2)
+    trainer = Trainer(cfg, preset("tiny", image_size=64), torch.device("cpu"))
+    trainer.model.eval()  # no power iteration between the encodes compared below
+    a, b, n = (torch.rand(2, 3, 64, 64) * 2 - 1 for _ in range(3))
+    out = trainer.gen(a, b, n)
+    codes = trainer.model.encode(n)
+    torch.testing.assert_close(out.neither.codes.common, codes.common)
+    torch.testing.assert_close(out.neither.decoded, trainer.model.decode(codes.common))
+    with pytest.raises(ValueError, match="neither"):
+        trainer.step(a, b)
+
+
+def test_neither_weight_on_data_without_such_faces_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (80, 80), (40, 90, 200)).save(tmp_path / name / "x.png")
+    args = ["train", "--data", "folders", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--image-size", "64",
+            "--width", "tiny", "--steps", "1", "--neither-weight", "1", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(args) == 2
+    assert "synthetic" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model.json").exists()

@@ -80,6 +80,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--common-noise", type=float, default=d.common_noise,
                      help="train the decoder on E_c(x) plus Gaussian noise of this std relative to the code's RMS "
                           "(not in the papers; default 0): a bottleneck that keeps attributes out of the common code")
+    opt.add_argument("--neither-weight", type=float, default=d.neither_weight,
+                     help="add W * L1(G(E_c(n), 0, 0), n) for faces n with neither attribute, and the zero term on "
+                          "them (synthetic data; not in the papers; default 0): trains the attribute-free decode that "
+                          "removal uses and training otherwise never sees")
     opt.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip for both nets")
     opt.add_argument("--disc-steps", type=int, default=d.disc_steps,
                      help="latent-discriminator updates per generator update (default 1, as published)")
@@ -132,7 +136,7 @@ def run_train(args: argparse.Namespace) -> int:
         recon_weight_b=args.recon_weight_b, zero_weight=args.zero_weight, adv_weight=args.adv_weight,
         mask_recon_weight=args.mask_recon_weight, cycle_weight_a=args.cycle_weight_a, cycle_weight_b=args.cycle_weight_b,
         mask_weight=args.mask_weight, structure_weight=args.structure_weight, removal_weight=args.removal_weight,
-        common_noise=args.common_noise,
+        common_noise=args.common_noise, neither_weight=args.neither_weight,
         clip=args.clip, disc_steps=args.disc_steps,
         seed=args.seed, device=args.device, amp=args.amp,
         log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,

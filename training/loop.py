@@ -2,7 +2,8 @@
 
 Each step: (1) the latent discriminator learns to tell E_c(a) from E_c(b); (2) the encoders and decoder minimise
 recon_weight * recon_a + recon_weight_b * recon_b + zero_weight * zero + adv_weight * adversarial, and for the mask
-variant also the mask reconstructions, the code cycles and the mask sparsity (see `Trainer.step`). Rank 0 writes:
+variant also the mask reconstructions, the code cycles and the mask sparsity, plus the optional terms of our own
+(structure, removal, neither; see `Trainer.step`). Rank 0 writes:
 `log.jsonl`, sample grids, the inference checkpoint (`model.safetensors` + `model.json`) and `train_state.pt`,
 from which `--resume` continues exactly (data batches are a pure function of the step, so nothing is replayed).
 """
@@ -80,6 +81,7 @@ class TrainConfig:
     structure_weight: float = 0.0  # W * (1 - SSIM) added to each reconstruction (not in the papers; 0: L1 only)
     removal_weight: float = 0.0  # W * |E_s(G(E_c(x), 0, 0))|: the removal re-encodes to no attribute (ours)
     common_noise: float = 0.0  # decode from E_c(x) + noise of this std relative to the code's RMS (ours; 0: off)
+    neither_weight: float = 0.0  # W * L1(G(E_c(n), 0, 0), n) on faces n with neither attribute (ours; 0: off)
     clip: float = 5.0
     disc_steps: int = 1  # latent-discriminator updates per generator update (the published code: 1)
     seed: int = 0
@@ -105,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"removal_weight must not be negative, not {self.removal_weight}")
         if self.common_noise < 0:
             raise ValueError(f"common_noise must not be negative, not {self.common_noise}")
+        if self.neither_weight < 0:
+            raise ValueError(f"neither_weight must not be negative, not {self.neither_weight}")
         if self.disc_steps < 1:
             raise ValueError(f"disc_steps must be at least 1, not {self.disc_steps}")
         defaults = dict(WEIGHT_DEFAULTS[self.variant])
@@ -161,6 +165,7 @@ class MaskPass(NamedTuple):
     rgb: torch.Tensor  # (6n, 3, S, S)
     mask: torch.Tensor  # (6n, 1, S, S)
     cycle: Codes  # (2n, ...): E(translated a), E(translated b)
+    neither: "NeitherPass | None" = None
 
 
 class PlainPass(NamedTuple):
@@ -172,6 +177,15 @@ class PlainPass(NamedTuple):
     recon_a: torch.Tensor
     recon_b: torch.Tensor
     removed: torch.Tensor | None
+    neither: "NeitherPass | None" = None
+
+
+class NeitherPass(NamedTuple):
+    """Faces with neither attribute (`--neither-weight`): their codes and G(E_c(n), 0, 0), the RGB only for mask
+    models (the attribute-free decode is the base their masks composite over)."""
+
+    codes: Codes
+    decoded: torch.Tensor
 
 
 def noisy_common(common: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -203,13 +217,18 @@ class _Generator(nn.Module):
         self.removal = removal  # plain: also decode G(c, 0, 0) for the removal term
         self.common_noise = common_noise  # decodes see noisy_common(E_c(x)); the adversary sees the clean code
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> PlainPass | MaskPass:
+    def forward(self, a: torch.Tensor, b: torch.Tensor, neither: torch.Tensor | None = None) -> PlainPass | MaskPass:
         n = a.shape[0]
-        codes = self.model.encode(torch.cat([a, b]))
-        codes_a, codes_b = codes.index(slice(0, n)), codes.index(slice(n, None))
+        codes = self.model.encode(torch.cat([a, b]) if neither is None else torch.cat([a, b, neither]))
+        codes_a, codes_b = codes.index(slice(0, n)), codes.index(slice(n, 2 * n))
         zeros = torch.zeros_like(codes_a.sep_a)
+        extra = None
+        if neither is not None:  # G(c_n, 0, 0): the generator's RGB, which for a mask model is its base
+            codes_n = codes.index(slice(2 * n, None))
+            extra = NeitherPass(codes_n, self.model.decode_parts(noisy_common(codes_n.common, self.common_noise))[0])
+            codes = codes.index(slice(0, 2 * n))
         if self.model.config.has_mask:
-            return self._mask_pass(codes_a, codes_b, zeros)
+            return self._mask_pass(codes_a, codes_b, zeros)._replace(neither=extra)
         # Reconstruct a with its own separate code and b's code zeroed, and b the other way round; with the removal
         # term, the attribute-free decodes of both domains ride in the same decoder call.
         common = noisy_common(codes.common, self.common_noise)
@@ -218,7 +237,7 @@ class _Generator(nn.Module):
             none = torch.zeros_like(sep_a)
             common, sep_a, sep_b = torch.cat([common, common]), torch.cat([sep_a, none]), torch.cat([sep_b, none])
         out = self.model.decode(common, sep_a, sep_b)
-        return PlainPass(codes_a, codes_b, out[:n], out[n : 2 * n], out[2 * n :] if self.removal else None)
+        return PlainPass(codes_a, codes_b, out[:n], out[n : 2 * n], out[2 * n :] if self.removal else None, extra)
 
     def _mask_pass(self, codes_a: Codes, codes_b: Codes, zeros: torch.Tensor) -> MaskPass:
         n = zeros.shape[0]
@@ -253,6 +272,7 @@ MASK_METRICS = ("recon_a", "recon_b", "mask_recon_a", "mask_recon_b", "cycle_a",
 VARIANT_METRICS = {"plain": METRICS, "mask": MASK_METRICS}
 STRUCTURE_METRICS = ("structure_a", "structure_b")  # logged when structure_weight > 0
 REMOVAL_METRICS = ("removal",)  # logged when removal_weight > 0
+NEITHER_METRICS = ("neither", "neither_zero")  # logged when neither_weight > 0
 
 
 def _time_is_up(deadline: float, device: torch.device, world_size: int) -> bool:
@@ -284,6 +304,11 @@ class Trainer:
         if cfg.removal_weight:
             self.metrics = self.metrics + REMOVAL_METRICS
             self.weights |= {"removal": cfg.removal_weight}
+        if cfg.neither_weight:
+            # the attribute-free decode of faces without either attribute must give them back (with the structure
+            # term when it is on), and both separate encoders must answer zero on them, as the zero term asks
+            self.metrics = self.metrics + NEITHER_METRICS
+            self.weights |= {"neither": cfg.neither_weight, "neither_zero": cfg.zero_weight}
         self.model = Disentangler(model_cfg).to(device).train()
         self.disc = LatentDiscriminator(model_cfg).to(device).train()
         if cfg.freeze_encoders:
@@ -303,12 +328,15 @@ class Trainer:
         use_amp = device.type == "cuda" and cfg.amp
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
 
-    def step(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """One step on a batch of each domain; returns the variant's metrics (`self.metrics`, METRICS or
-        MASK_METRICS order) as one detached tensor (no host sync)."""
+    def step(self, a: torch.Tensor, b: torch.Tensor, neither: torch.Tensor | None = None) -> torch.Tensor:
+        """One step on a batch of each domain (and, with `neither_weight`, a batch of faces with neither attribute);
+        returns the variant's metrics (`self.metrics`, METRICS or MASK_METRICS order) as one detached tensor (no
+        host sync)."""
         cfg, n = self.cfg, a.shape[0]
+        if cfg.neither_weight and neither is None:
+            raise ValueError("neither_weight is on: each step needs a batch of faces with neither attribute")
         with self.autocast():
-            out = self.gen(a, b)
+            out = self.gen(a, b, neither if cfg.neither_weight else None)
         if isinstance(out, MaskPass):
             codes_a, codes_b = out.codes_a, out.codes_b
             terms = self._mask_terms(out, a, b)
@@ -325,6 +353,12 @@ class Trainer:
                 terms["removal"] = self._removal_term(out.removed)
         if cfg.structure_weight:
             terms["structure_a"], terms["structure_b"] = losses.structure(recon_a, a), losses.structure(recon_b, b)
+        if out.neither is not None:
+            decoded = out.neither.decoded.float()
+            terms["neither"] = losses.reconstruction(decoded, neither)
+            if cfg.structure_weight:
+                terms["neither"] = terms["neither"] + cfg.structure_weight * losses.structure(decoded, neither)
+            terms["neither_zero"] = losses.zero(out.neither.codes.sep_a.float(), out.neither.codes.sep_b.float())
         common = torch.cat([codes_a.common, codes_b.common]).float()
 
         # (1) the latent discriminator learns to tell E_c(a) from E_c(b), on codes detached from the encoder;
@@ -432,6 +466,9 @@ def build_model_config(cfg: TrainConfig, source: PairSource) -> ModelConfig:
 
 def train(cfg: TrainConfig, source: PairSource) -> Path:
     """Run (or resume) training; returns the path of the final model card. Every rank calls this under torchrun."""
+    if cfg.neither_weight and not hasattr(source, "neither_batches"):
+        raise ValueError(f"--neither-weight needs faces with neither attribute, which only the synthetic benchmark "
+                         f"renders; {source.describe().get('kind', 'this data')} has none")
     d, device = setup_distributed(cfg.device)
     out = Path(cfg.out)
     if d.main:
@@ -515,6 +552,8 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
 
     data = source.batches(cfg.batch_size, seed=cfg.seed, start_step=step, rank=d.rank, world_size=d.world_size, device=device,
                           num_workers=cfg.num_workers)
+    neither = source.neither_batches(cfg.batch_size, seed=cfg.seed, start_step=step, rank=d.rank,  # type: ignore[attr-defined]
+                                     world_size=d.world_size, device=device) if cfg.neither_weight else None
     names = trainer.metrics
     totals = torch.zeros(len(names), device=device)
     window_steps, window_start = 0, time.perf_counter()
@@ -527,7 +566,7 @@ def train(cfg: TrainConfig, source: PairSource) -> Path:
                 log.info("--max-minutes %.1f reached at step %d of %d; saving", cfg.max_minutes, step, cfg.steps)
                 break
             a, b = next(data)
-            metrics = trainer.step(a, b)
+            metrics = trainer.step(a, b, next(neither) if neither is not None else None)
             step += 1
             window_steps += 1
             totals += metrics

@@ -21,6 +21,7 @@ which is shifted, scaled and rotated a little per face.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import threading
 from dataclasses import dataclass
@@ -702,13 +703,13 @@ class SyntheticPairs:
         return {"kind": "synthetic", "pair": self.pair, "seed": self.seed, "image_size": self.image_size}
 
     def indices(self, batch_size: int, step: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Face indices of domains a and b at `step` on `rank`: positions (step * world_size + rank) * batch_size
-        + j of two endless streams, each position mapped through a bijective hash keyed by (run seed, domain), so
-        ranks and steps never share a face and a and b are different people."""
+                device="cpu", streams: tuple[str, ...] = ("a", "b")) -> tuple[torch.Tensor, ...]:
+        """Face indices of domains a and b (or other named `streams`) at `step` on `rank`: positions
+        (step * world_size + rank) * batch_size + j of endless streams, each position mapped through a bijective
+        hash keyed by (run seed, stream), so ranks and steps never share a face and the streams are different
+        people."""
         pos = (step * world_size + rank) * batch_size + torch.arange(batch_size, dtype=torch.int64, device=device)
-        a, b = (_mix(pos ^ _mix_int(_key(f"stream/{domain}") ^ seed)) for domain in ("a", "b"))
-        return a, b
+        return tuple(_mix(pos ^ _mix_int(_key(f"stream/{name}") ^ seed)) for name in streams)
 
     def batches(self, batch_size: int, *, seed: int = 0, start_step: int = 0, rank: int = 0, world_size: int = 1,
                 device="cpu", num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -732,3 +733,13 @@ class SyntheticPairs:
             for j in range(steps):
                 yield images[j * batch_size:(j + 1) * batch_size], images[n + j * batch_size:n + (j + 1) * batch_size]
             step += steps
+
+    def neither_batches(self, batch_size: int, *, seed: int = 0, start_step: int = 0, rank: int = 0,
+                        world_size: int = 1, device="cpu") -> Iterator[torch.Tensor]:
+        """Batches of faces with neither attribute of the pair (`did train --neither-weight`), for steps start_step,
+        start_step+1, ...: a third stream of people, disjoint from both domains' and as resume-exact."""
+        absent = {name: False for name in ATTRIBUTES}
+        for step in itertools.count(start_step):
+            (idx,) = self.indices(batch_size, step, seed=seed, rank=rank, world_size=world_size, device=device,
+                                  streams=("neither",))
+            yield render(sample_faces(idx, self.seed, absent), self.image_size)
