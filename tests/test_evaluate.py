@@ -136,6 +136,11 @@ def test_did_eval_writes_every_key(tmp_path: Path, judge_for_eval: Path, capsys:
     assert set(result["membership"]) == {"a_to_b", "b_to_a"}
     for rate in (*result["membership"].values(), *result["removal"].values()):
         assert 0.0 <= rate <= 1.0
+    rates = result["judge_rates"]
+    assert set(rates) == {"a_to_b", "b_to_a", "remove_a", "remove_b"}
+    for own in ("a", "b"):  # a removal without either attribute has neither failure
+        parts = rates[f"remove_{own}"]
+        assert result["removal"][own] <= 1 - max(parts["kept_own_attribute"], parts["has_other_attribute"]) + 1e-4  # rates are rounded
     assert result["data"]["n"] == 16 and result["data"]["seed"] == 7919
     assert result["model"]["sha256"] == json.loads(card.read_text())["tensors"]["sha256"]
     assert all(math.isfinite(v) for v in result["gt_psnr"].values())

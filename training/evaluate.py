@@ -115,6 +115,10 @@ def _judged(scorer: _Scorer, e: _Edits, x_attr: str, y_attr: str) -> dict[str, A
         "judge_rates": {
             "a_to_b": {"has_guide_attribute": _rate(p_ab[y_attr]), "lost_own_attribute": _rate(~p_ab[x_attr])},
             "b_to_a": {"has_guide_attribute": _rate(p_ba[x_attr]), "lost_own_attribute": _rate(~p_ba[y_attr])},
+            # Removal's two ways to fail: the own attribute kept (the common code carries it) or the other domain's
+            # drawn (G(c, 0, 0), which two-domain training never decodes, defaults to an attribute).
+            "remove_a": {"kept_own_attribute": _rate(p_rm_a[x_attr]), "has_other_attribute": _rate(p_rm_a[y_attr])},
+            "remove_b": {"kept_own_attribute": _rate(p_rm_b[y_attr]), "has_other_attribute": _rate(p_rm_b[x_attr])},
         },
         "removal": {"a": _rate(~p_rm_a[x_attr] & ~p_rm_a[y_attr]), "b": _rate(~p_rm_b[x_attr] & ~p_rm_b[y_attr])},
     }
