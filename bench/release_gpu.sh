@@ -13,8 +13,8 @@
 # STRUCTURE is --structure-weight for every run (1: the SSIM term that lets the smile be learned; 0: L1 alone, as
 # published); it needs pytorch-msssim installed. The mask model adds --removal-weight MASK_REMOVAL (default 5: without
 # it the attribute-free decode draws the glasses itself and the mask never opens on them) at adversarial weight
-# MASK_ADV (default 0.12, the plain 0.02 scaled by the mask losses' reconstruction weights). NOISE is
-# --common-noise for every run (default 0: off; the noisy common code, see docs/evaluation.md).
+# MASK_ADV (default 0.12, the plain 0.02 scaled by the mask losses' reconstruction weights). NOISE and NEITHER are
+# --common-noise and --neither-weight for every run (default 0: off; see docs/evaluation.md, why removal fails).
 set -u -o pipefail
 OUT=${OUT:-runs/release}
 MINUTES=${MINUTES:-5}
@@ -22,6 +22,7 @@ SIZE=${SIZE:-128}
 ADV=${ADV:-0.02}
 STRUCTURE=${STRUCTURE:-1}
 NOISE=${NOISE:-0}
+NEITHER=${NEITHER:-0}
 MASK_REMOVAL=${MASK_REMOVAL:-5}
 MASK_ADV=${MASK_ADV:-0.12}
 LR=${LR:-0.0005}
@@ -35,7 +36,7 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 
 common=(--data synthetic --image-size "$SIZE" --width slim --steps 10000000 --max-minutes "$MINUTES" --lr "$LR" --device "$DEVICE"
-        --structure-weight "$STRUCTURE" --common-noise "$NOISE"
+        --structure-weight "$STRUCTURE" --common-noise "$NOISE" --neither-weight "$NEITHER"
         --save-dtype float16 --no-progress --log-every "${LOG_EVERY:-100}" --sample-every 2500 --checkpoint-every 2500)
 
 run() {  # run NAME FLAGS...: one training in the background, its output in $OUT/NAME.log
