@@ -81,17 +81,22 @@ class LatentDiscriminator(nn.Module):
     (docs/evaluation.md, ablation).
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, groups: int = 2):
         super().__init__()
+        if groups < 2:
+            raise ValueError(f"a discriminator tells at least 2 groups apart, not {groups}")
         self.net = nn.Sequential(
             nn.Flatten(),
             nn.Linear(config.common_size, config.disc_hidden),
             nn.LeakyReLU(0.2, inplace=True),
-            nn.Linear(config.disc_hidden, 1),
+            nn.Linear(config.disc_hidden, 1 if groups == 2 else groups),
         )
 
     def forward(self, common: torch.Tensor) -> torch.Tensor:
-        return self.net(common).squeeze(1)
+        """(N,) logits of domain a for the two domains; (N, groups) logits for more groups (training with faces of
+        neither attribute as a third group)."""
+        out = self.net(common)
+        return out.squeeze(1) if out.shape[1] == 1 else out
 
 
 def bake_spectral_norm(model: nn.Module) -> nn.Module:

@@ -46,6 +46,16 @@ def test_discriminator_and_adversarial_labels() -> None:
     assert math.isclose(losses.adversarial(la, lb).item(), g, rel_tol=1e-6)
 
 
+def test_three_group_discriminator_and_the_pull_towards_neither() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 3.0]])
+    log_softmax = lambda row, k: row[k] - math.log(sum(math.exp(v) for v in row))  # noqa: E731
+    rows = logits.tolist()
+    d = -(log_softmax(rows[0], 0) + log_softmax(rows[1], 1) + log_softmax(rows[2], 2)) / 3
+    assert math.isclose(losses.discriminator_groups(logits, torch.tensor([0, 1, 2])).item(), d, rel_tol=1e-6)
+    g = -(log_softmax(rows[0], 2) + log_softmax(rows[1], 2)) / 2  # A's and B's codes called 'neither'
+    assert math.isclose(losses.adversarial_towards(logits[:2], 2).item(), g, rel_tol=1e-6)
+
+
 def test_generator_terms_pick_the_right_codes() -> None:
     z = torch.zeros(1, 1, 2, 2)
     codes_a = Codes(z, z + 5, z + 2)  # sep_b of an a image: 2

@@ -25,6 +25,7 @@ def test_shapes_round_trip(size: int) -> None:
     assert codes.sep_a.shape == codes.sep_b.shape == (2, cfg.sep_channels, 2, 2)
     assert y.shape == x.shape and y.abs().max() <= 1
     assert LatentDiscriminator(cfg)(codes.common).shape == (2,)
+    assert LatentDiscriminator(cfg, groups=3)(codes.common).shape == (2, 3)
 
 
 def test_latent_discriminator_is_not_lipschitz_bounded() -> None:

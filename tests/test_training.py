@@ -1,5 +1,6 @@
 """The training module end to end: the `did train` command, exact resume, and a 2-process torchrun (gloo) job."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -250,3 +251,14 @@ def test_neither_weight_on_data_without_such_faces_is_a_clear_error(tmp_path: Pa
     assert main(args) == 2
     assert "synthetic" in capsys.readouterr().err
     assert not (tmp_path / "run" / "model.json").exists()
+
+
+def test_neither_adversary_tells_three_groups_apart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "three"
+    assert main(_tiny(out, 2, "--neither-weight", "1", "--neither-adversary")) == 0
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["disc"]["net.3.weight"].shape[0] == 3  # one logit per group: A, B, neither
+    assert read_card(out / "model.json")["training"]["config"]["neither_adversary"] is True
+    assert all(math.isfinite(r["disc"]) and math.isfinite(r["adv"]) for r in _log(out))
+    assert main(_tiny(tmp_path / "alone", 1, "--neither-adversary")) == 2
+    assert "neither_weight" in capsys.readouterr().err

@@ -84,6 +84,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="add W * L1(G(E_c(n), 0, 0), n) for faces n with neither attribute, and the zero term on "
                           "them (synthetic data; not in the papers; default 0): trains the attribute-free decode that "
                           "removal uses and training otherwise never sees")
+    opt.add_argument("--neither-adversary", action="store_true",
+                     help="with --neither-weight: the latent discriminator tells A, B and the neither faces apart, "
+                          "and the encoders push A's and B's common codes towards the neither group (not in the papers)")
     opt.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip for both nets")
     opt.add_argument("--disc-steps", type=int, default=d.disc_steps,
                      help="latent-discriminator updates per generator update (default 1, as published)")
@@ -136,7 +139,7 @@ def run_train(args: argparse.Namespace) -> int:
         recon_weight_b=args.recon_weight_b, zero_weight=args.zero_weight, adv_weight=args.adv_weight,
         mask_recon_weight=args.mask_recon_weight, cycle_weight_a=args.cycle_weight_a, cycle_weight_b=args.cycle_weight_b,
         mask_weight=args.mask_weight, structure_weight=args.structure_weight, removal_weight=args.removal_weight,
-        common_noise=args.common_noise, neither_weight=args.neither_weight,
+        common_noise=args.common_noise, neither_weight=args.neither_weight, neither_adversary=args.neither_adversary,
         clip=args.clip, disc_steps=args.disc_steps,
         seed=args.seed, device=args.device, amp=args.amp,
         log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,

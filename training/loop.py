@@ -82,6 +82,7 @@ class TrainConfig:
     removal_weight: float = 0.0  # W * |E_s(G(E_c(x), 0, 0))|: the removal re-encodes to no attribute (ours)
     common_noise: float = 0.0  # decode from E_c(x) + noise of this std relative to the code's RMS (ours; 0: off)
     neither_weight: float = 0.0  # W * L1(G(E_c(n), 0, 0), n) on faces n with neither attribute (ours; 0: off)
+    neither_adversary: bool = False  # the latent adversary over three groups, A and B pushed towards neither (ours)
     clip: float = 5.0
     disc_steps: int = 1  # latent-discriminator updates per generator update (the published code: 1)
     seed: int = 0
@@ -109,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"common_noise must not be negative, not {self.common_noise}")
         if self.neither_weight < 0:
             raise ValueError(f"neither_weight must not be negative, not {self.neither_weight}")
+        if self.neither_adversary and not self.neither_weight:
+            raise ValueError("neither_adversary needs the faces of neither attribute that neither_weight > 0 brings")
         if self.disc_steps < 1:
             raise ValueError(f"disc_steps must be at least 1, not {self.disc_steps}")
         defaults = dict(WEIGHT_DEFAULTS[self.variant])
@@ -310,7 +313,7 @@ class Trainer:
             self.metrics = self.metrics + NEITHER_METRICS
             self.weights |= {"neither": cfg.neither_weight, "neither_zero": cfg.zero_weight}
         self.model = Disentangler(model_cfg).to(device).train()
-        self.disc = LatentDiscriminator(model_cfg).to(device).train()
+        self.disc = LatentDiscriminator(model_cfg, groups=3 if cfg.neither_adversary else 2).to(device).train()
         if cfg.freeze_encoders:
             # The codes stay those of the starting checkpoint: a mask head trained on them cannot pull an attribute
             # into the common code (see docs/evaluation.md, the mask model), and the zero and adversarial terms,
@@ -360,13 +363,17 @@ class Trainer:
                 terms["neither"] = terms["neither"] + cfg.structure_weight * losses.structure(decoded, neither)
             terms["neither_zero"] = losses.zero(out.neither.codes.sep_a.float(), out.neither.codes.sep_b.float())
         common = torch.cat([codes_a.common, codes_b.common]).float()
+        if cfg.neither_adversary:  # the third group: codes of faces with neither attribute
+            common = torch.cat([common, out.neither.codes.common.float()])
+            groups = torch.arange(3, device=common.device).repeat_interleave(n)
 
         # (1) the latent discriminator learns to tell E_c(a) from E_c(b), on codes detached from the encoder;
         # `disc_steps` updates on the same codes let it keep up with an encoder that hides the domain in ever
         # smaller differences (it is a small MLP, so extra updates cost little beside the encoder/decoder pass).
         for _ in range(cfg.disc_steps):
             logits = self.disc_ddp(common.detach())
-            loss_d = losses.discriminator(logits[:n], logits[n:])
+            loss_d = losses.discriminator_groups(logits, groups) if cfg.neither_adversary else \
+                losses.discriminator(logits[:n], logits[n:])
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.clip)
@@ -375,7 +382,10 @@ class Trainer:
         # (2) encoders + decoder. The adversarial term reads the updated discriminator through detached copies of
         # its parameters, so gradients reach the encoder only and DDP's hooks on the discriminator stay untouched.
         adv_logits = functional_call(self.disc, {k: v.detach() for k, v in self.disc.named_parameters()}, (common,))
-        terms["adv"] = losses.adversarial(adv_logits[:n], adv_logits[n:])
+        if cfg.neither_adversary:  # A's and B's codes towards the neither group, each domain's mean as below
+            terms["adv"] = losses.adversarial_towards(adv_logits[:n], 2) + losses.adversarial_towards(adv_logits[n : 2 * n], 2)
+        else:
+            terms["adv"] = losses.adversarial(adv_logits[:n], adv_logits[n:])
         loss_g = sum(w * terms[k] for k, w in self.weights.items()) + cfg.adv_weight * terms["adv"]
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()

@@ -58,6 +58,20 @@ def adversarial(logit_a: torch.Tensor, logit_b: torch.Tensor) -> torch.Tensor:
     )
 
 
+def discriminator_groups(logits: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """The latent discriminator's loss over several groups of common codes (A, B, faces with neither attribute):
+    cross-entropy of each code's group."""
+    return F.cross_entropy(logits, groups)
+
+
+def adversarial_towards(logits: torch.Tensor, group: int) -> torch.Tensor:
+    """The encoder's side with a third group: make d take A's and B's common codes for the codes of faces with
+    neither attribute, the codes on which the attribute-free decode is trained (`--neither-adversary`). The
+    two-domain form (`adversarial`) only asks that A's and B's codes look alike, which a code carrying both
+    attributes half-way also satisfies."""
+    return F.cross_entropy(logits, torch.full((logits.shape[0],), group, dtype=torch.long, device=logits.device))
+
+
 def generator_terms(codes_a: Codes, codes_b: Codes, recon_a: torch.Tensor, recon_b: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
     """The unweighted non-adversarial terms of one step, by name (for logging and for the weighted sum)."""
     return {
