@@ -109,7 +109,7 @@ def test_judge_checkpoint_round_trip_and_tamper_check(tiny_judge: Path):
 # --- did eval ---------------------------------------------------------------------------------------------------
 
 EVAL_KEYS = ("membership", "removal", "gt_psnr", "gt_l1", "gt_remove", "recon_psnr", "kid", "fid", "extractor",
-             "similarity", "intersection", "outside_psnr", "model", "judge", "data")
+             "similarity", "intersection", "outside_psnr", "domain_detection", "model", "judge", "data")
 
 
 def _tiny_model(tmp: Path, variant: str = "plain") -> Path:
@@ -134,7 +134,8 @@ def test_did_eval_writes_every_key(tmp_path: Path, judge_for_eval: Path, capsys:
     for key in EVAL_KEYS:
         assert key in result, key
     assert set(result["membership"]) == {"a_to_b", "b_to_a"}
-    for rate in (*result["membership"].values(), *result["removal"].values()):
+    assert set(result["domain_detection"]) == {"a", "b"}
+    for rate in (*result["membership"].values(), *result["removal"].values(), *result["domain_detection"].values()):
         assert 0.0 <= rate <= 1.0
     rates = result["judge_rates"]
     assert set(rates) == {"a_to_b", "b_to_a", "remove_a", "remove_b"}
@@ -243,3 +244,14 @@ def test_tables_name_a_training_run_by_its_directory():
     assert label({"model": {"name": "model", "path": "runs/a/s1"}}) == "s1"
     assert label({"model": {"name": "model", "path": "runs/a/s2/model.json"}}) == "s2"
     assert label({"model": {"name": "smile_glasses", "path": "weights/smile_glasses"}}) == "smile_glasses"
+
+
+def test_domain_detection_counts_the_faces_whose_larger_separate_code_is_their_own():
+    from training.evaluate import _detection
+
+    torch.manual_seed(0)
+    model = Disentangler(preset("tiny", image_size=64, domain_a="smile", domain_b="glasses")).eval()
+    with torch.no_grad():
+        model.enc_a.head.bias.fill_(5.0)  # E_sA answers loudly on every image: everything looks like domain a
+    faces = torch.rand(6, 3, 64, 64) * 2 - 1
+    assert _detection(model, faces[:3], faces[3:], batch=2, dev=torch.device("cpu")) == {"a": 1.0, "b": 0.0}

@@ -107,6 +107,15 @@ def _run_edits(model: Disentangler, img_a: torch.Tensor, img_b: torch.Tensor, ba
     )
 
 
+def _detection(model: Disentangler, img_a: torch.Tensor, img_b: torch.Tensor, batch: int,
+               dev: torch.device) -> dict[str, float]:
+    """How often the larger separate code names the image's own domain: what the service relies on when a request
+    gives a guide without `target=`."""
+    detect = lambda x: model.detect(model.encode(x))  # noqa: E731
+    return {"a": _rate(_chunked(detect, img_a, batch=batch, device=dev) == 0),
+            "b": _rate(_chunked(detect, img_b, batch=batch, device=dev) == 1)}
+
+
 def _judged(scorer: _Scorer, e: _Edits, x_attr: str, y_attr: str) -> dict[str, Any]:
     """The judge's verdicts: membership (guide's attribute on, own off), its two parts, and removal (neither)."""
     p_ab, p_ba, p_rm_a, p_rm_b = map(scorer.predict, (e.out_ab, e.out_ba, e.rm_a, e.rm_b))
@@ -201,6 +210,7 @@ def evaluate(model: Disentangler, judge: Judge, *, n: int = 512, seed: int = syn
         "gt_remove": {"psnr": {"a": _mean(metrics.psnr(rm_a, gt_rm_a)), "b": _mean(metrics.psnr(rm_b, gt_rm_b))},
                       "l1": {"a": _mean(metrics.l1(rm_a, gt_rm_a)), "b": _mean(metrics.l1(rm_b, gt_rm_b))}},
         "recon_psnr": {"a": _mean(metrics.psnr(e.rec_a, img_a)), "b": _mean(metrics.psnr(e.rec_b, img_b))},
+        "domain_detection": _detection(model, img_a, img_b, batch, dev),
         "intersection": {"both_present": _rate(p_inter[x_attr] & p_inter[y_attr]),
                          "truth_psnr": _mean(metrics.psnr(inter, gt_inter))},
         # Distribution distances and identity similarity in the judge's feature space.
@@ -260,6 +270,7 @@ def evaluate_celeba(model: Disentangler, judge: Judge, *, root: str | Path, n: i
         **_judged(scorer, e, x_attr, y_attr),
         "gt_psnr": {}, "gt_l1": {},  # no ground truth for real photographs
         "recon_psnr": {"a": _mean(metrics.psnr(e.rec_a, con_a)), "b": _mean(metrics.psnr(e.rec_b, con_b))},
+        "domain_detection": _detection(model, con_a, con_b, batch, dev),
         **_in_feature_space(scorer, con_a, con_b, e, real_a, real_b),
         "outside_psnr": {},
         "seconds": round(time.perf_counter() - start, 2),
@@ -367,7 +378,8 @@ def write(result: dict[str, Any], json_path: Path, md_path: Path | None = None,
     return [*written, md]
 
 
-HEADLINE = ("membership", "removal", "gt_psnr", "gt_l1", "recon_psnr", "kid", "fid", "similarity", "outside_psnr", "mask_iou")
+HEADLINE = ("membership", "removal", "gt_psnr", "gt_l1", "recon_psnr", "kid", "fid", "similarity", "outside_psnr", "mask_iou",
+            "domain_detection")
 
 
 def record_in_card(model_path: str | Path, result: dict[str, Any]) -> Path:
