@@ -89,8 +89,10 @@ def save(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     dtype: str = "float32",
+    notes: str | None = None,
 ) -> Path:
-    """Write the model's tensors (cast to `dtype`) and its card; returns the card's path.
+    """Write the model's tensors (cast to `dtype`) and its card; returns the card's path. `notes` is free text for
+    the card's readers (how and where the model was trained, what it does not do well).
 
     The tensor file is written first and the card last, each through a temporary name, so a reader never sees
     a card that points at a half-written tensor file.
@@ -119,6 +121,8 @@ def save(
         "versions": versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if notes:
+        card["notes"] = notes
     write_card(card, card_path)
     return card_path
 

@@ -255,3 +255,21 @@ def test_domain_detection_counts_the_faces_whose_larger_separate_code_is_their_o
         model.enc_a.head.bias.fill_(5.0)  # E_sA answers loudly on every image: everything looks like domain a
     faces = torch.rand(6, 3, 64, 64) * 2 - 1
     assert _detection(model, faces[:3], faces[3:], batch=2, dev=torch.device("cpu")) == {"a": 1.0, "b": 0.0}
+
+
+def test_export_then_record_keeps_the_notes_and_writes_the_headline_metrics(tmp_path: Path, judge_for_eval: Path):
+    run = _tiny_model(tmp_path)
+    dest = tmp_path / "weights" / "smile_glasses"
+    assert did(["export", str(run), str(dest), "--dtype", "float16", "--notes", "64 px, CPU"]) == 0
+    exported = models.load(dest, device="cpu")
+    assert exported.card["tensors"]["dtype"] == "float16" and exported.card["notes"] == "64 px, CPU"
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(exported.reconstruct(x), models.load(run, device="cpu").reconstruct(x), atol=2e-2)
+    assert did(["eval", "--model", str(dest), "--judge", str(judge_for_eval), "--n", "4", "--device", "cpu",
+                "--record"]) == 0
+    card = json.loads(dest.with_suffix(".json").read_text())
+    assert card["notes"] == "64 px, CPU"
+    assert {"membership", "removal", "gt_psnr", "domain_detection", "measured_on"} <= set(card["metrics"])
+    assert card["metrics"]["measured_on"]["n"] == 4
+    assert models.load(dest, device="cpu").card["tensors"]["sha256"] == exported.card["tensors"]["sha256"]

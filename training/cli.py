@@ -220,7 +220,8 @@ def run_export(args: argparse.Namespace) -> int:
     model = checkpoint.load(args.run)
     card = model.card
     dtype = args.dtype or card["tensors"].get("dtype", "float32")
-    out = checkpoint.save(model, args.out, training=card.get("training", {}), metrics=card.get("metrics", {}), dtype=dtype)
+    out = checkpoint.save(model, args.out, training=card.get("training", {}), metrics=card.get("metrics", {}), dtype=dtype,
+                          notes=args.notes if args.notes is not None else card.get("notes"))
     print(f"wrote {out} ({dtype})")
     return 0
 
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", type=Path, help="run directory or checkpoint")
     ex.add_argument("out", type=Path, help="destination DIR/NAME (writes NAME.json + NAME.safetensors)")
     ex.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="storage dtype (default: the run's)")
+    ex.add_argument("--notes", help="free text for the card's readers: how and where it was trained, what it does not do "
+                                    "well (default: the run card's notes, if any)")
     ex.set_defaults(func=run_export)
 
     jd = sub.add_parser("judge", help="the attribute classifier of the evaluation").add_subparsers(dest="judge_command", required=True)
