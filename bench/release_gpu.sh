@@ -14,7 +14,10 @@
 # published); it needs pytorch-msssim installed. The mask model adds --removal-weight MASK_REMOVAL (default 5: without
 # it the attribute-free decode draws the glasses itself and the mask never opens on them) at adversarial weight
 # MASK_ADV (default 0.12, the plain 0.02 scaled by the mask losses' reconstruction weights). NOISE and NEITHER are
-# --common-noise and --neither-weight for every run (default 0: off; see docs/evaluation.md, why removal fails).
+# --common-noise and --neither-weight for every run (default 0: off; see docs/evaluation.md, why removal fails);
+# NEITHER_ADV=1 adds --neither-adversary to every run (needs NEITHER > 0). The bundled plain checkpoints were all
+# fine-tuned on a CPU with NOISE=0.3 NEITHER=1 NEITHER_ADV=1 (smile_glasses' and beard_smile's last stages with
+# STRUCTURE=3).
 set -u -o pipefail
 OUT=${OUT:-runs/release}
 MINUTES=${MINUTES:-5}
@@ -23,6 +26,7 @@ ADV=${ADV:-0.02}
 STRUCTURE=${STRUCTURE:-1}
 NOISE=${NOISE:-0}
 NEITHER=${NEITHER:-0}
+NEITHER_ADV=${NEITHER_ADV:-0}
 MASK_REMOVAL=${MASK_REMOVAL:-5}
 MASK_ADV=${MASK_ADV:-0.12}
 LR=${LR:-0.0005}
@@ -38,6 +42,7 @@ cd "$(dirname "$0")/.."
 common=(--data synthetic --image-size "$SIZE" --width slim --steps 10000000 --max-minutes "$MINUTES" --lr "$LR" --device "$DEVICE"
         --structure-weight "$STRUCTURE" --common-noise "$NOISE" --neither-weight "$NEITHER"
         --save-dtype float16 --no-progress --log-every "${LOG_EVERY:-100}" --sample-every 2500 --checkpoint-every 2500)
+[ "$NEITHER_ADV" = 1 ] && common+=(--neither-adversary)
 
 run() {  # run NAME FLAGS...: one training in the background, its output in $OUT/NAME.log
     local name=$1; shift
