@@ -155,6 +155,31 @@ def test_removal_weight_charges_the_attribute_free_decode(tmp_path: Path, capsys
     assert _log(tmp_path / "mask")[-1]["removal"] > 0
 
 
+def test_masked_removal_weight_charges_the_removal_through_the_mask(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The mask variant's removal term on m * G(c, 0, 0) + (1 - m) * x: the composite is the soft removal the model
+    serves, and its gradient reaches the mask channel of the decoder."""
+    from models.config import preset
+    from training.loop import TrainConfig, Trainer
+
+    out = tmp_path / "run"
+    assert main(_tiny(out, 2, "--variant", "mask", "--masked-removal-weight", "2")) == 0
+    assert all(r["masked_removal"] > 0 for r in _log(out))
+    assert read_card(out / "model.json")["training"]["config"]["masked_removal_weight"] == 2
+    assert main(_tiny(tmp_path / "plain", 1, "--masked-removal-weight", "1")) == 2
+    assert "variant 'mask'" in capsys.readouterr().err
+
+    cfg = TrainConfig(width="tiny", variant="mask", masked_removal_weight=1.0, batch_size=2)
+    trainer = Trainer(cfg, preset("tiny", image_size=64, variant="mask"), torch.device("cpu"))
+    a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    trainer.model.eval()  # in train mode every forward steps spectral norm's power iteration
+    mp = trainer.gen(a, b)
+    removed = trainer._masked_removals(mp, a, b)
+    soft = trainer.model.remove(torch.cat([a, b]), torch.tensor([0, 1]).repeat_interleave(2), soft=True)
+    torch.testing.assert_close(removed, soft, atol=1e-5, rtol=1e-4)
+    trainer._removal_term(removed).backward()
+    assert trainer.model.decoder.to_rgb.weight.grad[:, 3].abs().sum() > 0  # the mask channel's logits
+
+
 def test_removal_term_reads_the_separate_encoders_without_training_them() -> None:
     """The term's gradient reaches the decoder and the common encoder, never the separate encoders that judge."""
     from models.config import preset

@@ -80,6 +80,7 @@ class TrainConfig:
     mask_weight: float | None = None  # mask variant: mean of the masks (extra sparsity; default 0)
     structure_weight: float = 0.0  # W * (1 - SSIM) added to each reconstruction (not in the papers; 0: L1 only)
     removal_weight: float = 0.0  # W * |E_s(G(E_c(x), 0, 0))|: the removal re-encodes to no attribute (ours)
+    masked_removal_weight: float = 0.0  # mask variant: W * |E_s(m G(E_c(x), 0, 0) + (1 - m) x)|, on the removal itself (ours)
     common_noise: float = 0.0  # decode from E_c(x) + noise of this std relative to the code's RMS (ours; 0: off)
     neither_weight: float = 0.0  # W * L1(G(E_c(n), 0, 0), n) on faces n with neither attribute (ours; 0: off)
     neither_adversary: bool = False  # the latent adversary over three groups, A and B pushed towards neither (ours)
@@ -106,6 +107,10 @@ class TrainConfig:
             raise ValueError(f"structure_weight must not be negative, not {self.structure_weight}")
         if self.removal_weight < 0:
             raise ValueError(f"removal_weight must not be negative, not {self.removal_weight}")
+        if self.masked_removal_weight < 0:
+            raise ValueError(f"masked_removal_weight must not be negative, not {self.masked_removal_weight}")
+        if self.masked_removal_weight and self.variant != "mask":
+            raise ValueError("masked_removal_weight charges a mask model's removal: it needs variant 'mask'")
         if self.common_noise < 0:
             raise ValueError(f"common_noise must not be negative, not {self.common_noise}")
         if self.neither_weight < 0:
@@ -275,6 +280,7 @@ MASK_METRICS = ("recon_a", "recon_b", "mask_recon_a", "mask_recon_b", "cycle_a",
 VARIANT_METRICS = {"plain": METRICS, "mask": MASK_METRICS}
 STRUCTURE_METRICS = ("structure_a", "structure_b")  # logged when structure_weight > 0
 REMOVAL_METRICS = ("removal",)  # logged when removal_weight > 0
+MASKED_REMOVAL_METRICS = ("masked_removal",)  # logged when masked_removal_weight > 0
 NEITHER_METRICS = ("neither", "neither_zero")  # logged when neither_weight > 0
 
 
@@ -307,6 +313,9 @@ class Trainer:
         if cfg.removal_weight:
             self.metrics = self.metrics + REMOVAL_METRICS
             self.weights |= {"removal": cfg.removal_weight}
+        if cfg.masked_removal_weight:
+            self.metrics = self.metrics + MASKED_REMOVAL_METRICS
+            self.weights |= {"masked_removal": cfg.masked_removal_weight}
         if cfg.neither_weight:
             # the attribute-free decode of faces without either attribute must give them back (with the structure
             # term when it is on), and both separate encoders must answer zero on them, as the zero term asks
@@ -345,6 +354,8 @@ class Trainer:
             terms = self._mask_terms(out, a, b)
             if cfg.removal_weight:  # the attribute-free bases G(c_a, 0, 0), G(c_b, 0, 0) of the pass
                 terms["removal"] = self._removal_term(out.rgb[2 * n : 4 * n])
+            if cfg.masked_removal_weight:
+                terms["masked_removal"] = self._removal_term(self._masked_removals(out, a, b))
             if cfg.structure_weight:  # on the masked reconstructions, composited as in `_mask_terms`
                 rgb, mask = out.rgb.float(), out.mask.float()
                 recon_a = losses.composite(rgb[:n], mask[:n], rgb[2 * n : 3 * n])
@@ -402,6 +413,20 @@ class Trainer:
             codes = [functional_call(enc, {k: v.detach() for k, v in enc.named_parameters()}, (removed,))
                      for enc in (self.model.enc_a, self.model.enc_b)]
         return losses.removal_codes(codes[0].float(), codes[1].float())
+
+    @staticmethod
+    def _masked_removals(out: MaskPass, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The removals a mask model serves, in their soft form: each image's own attribute mask m (of its
+        reconstruction) blends the attribute-free base in, m * G(c, 0, 0) + (1 - m) * x; (2n, ...), a then b.
+
+        The removal term on the base alone cannot see a mask that covers only part of the attribute: the base is
+        clean, and what survives removal is the attribute outside the mask. Read by the separate encoders, the
+        composite charges exactly that, so the gradient opens the mask over the rest of the attribute (through the
+        decoder and the separate code that draws the mask; the encoders reading the composite stay detached)."""
+        n = a.shape[0]
+        rgb, mask = out.rgb.float(), out.mask.float()
+        return torch.cat([losses.composite(rgb[2 * n : 3 * n], mask[:n], a),
+                          losses.composite(rgb[3 * n : 4 * n], mask[n : 2 * n], b)])
 
     @staticmethod
     def _mask_terms(out: MaskPass, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
