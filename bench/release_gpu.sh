@@ -13,7 +13,9 @@
 # STRUCTURE is --structure-weight for every run (1: the SSIM term that lets the smile be learned; 0: L1 alone, as
 # published); it needs pytorch-msssim installed. The mask model adds --removal-weight MASK_REMOVAL (default 5: without
 # it the attribute-free decode draws the glasses itself and the mask never opens on them) at adversarial weight
-# MASK_ADV (default 0.12, the plain 0.02 scaled by the mask losses' reconstruction weights). NOISE and NEITHER are
+# MASK_ADV (default 0.12, the plain 0.02 scaled by the mask losses' reconstruction weights) and
+# --masked-removal-weight MASKED_REMOVAL (default 10: the removal drawn through the mask must lose the attribute, so
+# the mask covers all of it; 0 turns it off). NOISE and NEITHER are
 # --common-noise and --neither-weight for every run (default 0: off; see docs/evaluation.md, why removal fails);
 # NEITHER_ADV=1 adds --neither-adversary to every run (needs NEITHER > 0). The bundled plain checkpoints were all
 # fine-tuned on a CPU with NOISE=0.3 NEITHER=1 NEITHER_ADV=1 (smile_glasses' and beard_smile's last stages with
@@ -29,6 +31,7 @@ NEITHER=${NEITHER:-0}
 NEITHER_ADV=${NEITHER_ADV:-0}
 MASK_REMOVAL=${MASK_REMOVAL:-5}
 MASK_ADV=${MASK_ADV:-0.12}
+MASKED_REMOVAL=${MASKED_REMOVAL:-10}
 LR=${LR:-0.0005}
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
@@ -56,7 +59,7 @@ declare -A FLAGS=(
     [smile_glasses]="--pair smile_glasses --adv-weight $ADV"
     [beard_smile]="--pair beard_smile --adv-weight $ADV"
     [beard_glasses]="--pair beard_glasses --adv-weight $ADV"
-    [smile_glasses_mask]="--pair smile_glasses --variant mask --adv-weight $MASK_ADV --removal-weight $MASK_REMOVAL"
+    [smile_glasses_mask]="--pair smile_glasses --variant mask --adv-weight $MASK_ADV --removal-weight $MASK_REMOVAL --masked-removal-weight $MASKED_REMOVAL"
     [ablation_no_zero]="--pair smile_glasses --adv-weight $ADV --zero-weight 0"
     [ablation_no_adv]="--pair smile_glasses --adv-weight 0"
     [ablation_neither]="--pair smile_glasses --adv-weight 0 --zero-weight 0"
