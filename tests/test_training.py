@@ -173,7 +173,7 @@ def test_masked_removal_weight_charges_the_removal_through_the_mask(tmp_path: Pa
     a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     trainer.model.eval()  # in train mode every forward steps spectral norm's power iteration
     mp = trainer.gen(a, b)
-    removed = trainer._masked_removals(mp, a, b)
+    removed = trainer._masked_removals(mp.rgb, mp.mask, a, b)
     soft = trainer.model.remove(torch.cat([a, b]), torch.tensor([0, 1]).repeat_interleave(2), soft=True)
     torch.testing.assert_close(removed, soft, atol=1e-5, rtol=1e-4)
     trainer._removal_term(removed).backward()

@@ -352,12 +352,12 @@ class Trainer:
         if isinstance(out, MaskPass):
             codes_a, codes_b = out.codes_a, out.codes_b
             terms = self._mask_terms(out, a, b)
+            rgb, mask = out.rgb.float(), out.mask.float()  # the pass may be bf16
             if cfg.removal_weight:  # the attribute-free bases G(c_a, 0, 0), G(c_b, 0, 0) of the pass
                 terms["removal"] = self._removal_term(out.rgb[2 * n : 4 * n])
             if cfg.masked_removal_weight:
-                terms["masked_removal"] = self._removal_term(self._masked_removals(out, a, b))
+                terms["masked_removal"] = self._removal_term(self._masked_removals(rgb, mask, a, b))
             if cfg.structure_weight:  # on the masked reconstructions, composited as in `_mask_terms`
-                rgb, mask = out.rgb.float(), out.mask.float()
                 recon_a = losses.composite(rgb[:n], mask[:n], rgb[2 * n : 3 * n])
                 recon_b = losses.composite(rgb[n : 2 * n], mask[n : 2 * n], rgb[3 * n : 4 * n])
         else:
@@ -415,16 +415,16 @@ class Trainer:
         return losses.removal_codes(codes[0].float(), codes[1].float())
 
     @staticmethod
-    def _masked_removals(out: MaskPass, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _masked_removals(rgb: torch.Tensor, mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The removals a mask model serves, in their soft form: each image's own attribute mask m (of its
-        reconstruction) blends the attribute-free base in, m * G(c, 0, 0) + (1 - m) * x; (2n, ...), a then b.
+        reconstruction) blends the attribute-free base in, m * G(c, 0, 0) + (1 - m) * x; (2n, ...), a then b, from
+        a MaskPass's rgb and mask rows.
 
         The removal term on the base alone cannot see a mask that covers only part of the attribute: the base is
         clean, and what survives removal is the attribute outside the mask. Read by the separate encoders, the
         composite charges exactly that, so the gradient opens the mask over the rest of the attribute (through the
         decoder and the separate code that draws the mask; the encoders reading the composite stay detached)."""
         n = a.shape[0]
-        rgb, mask = out.rgb.float(), out.mask.float()
         return torch.cat([losses.composite(rgb[2 * n : 3 * n], mask[:n], a),
                           losses.composite(rgb[3 * n : 4 * n], mask[n : 2 * n], b)])
 
