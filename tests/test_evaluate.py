@@ -146,10 +146,34 @@ def test_did_eval_writes_every_key(tmp_path: Path, judge_for_eval: Path, capsys:
     assert result["model"]["sha256"] == json.loads(card.read_text())["tensors"]["sha256"]
     assert all(math.isfinite(v) for v in result["gt_psnr"].values())
     assert "mask_iou" not in result
+    keys = {"a_to_b", "b_to_a", "remove_a", "remove_b"}
+    assert set(result["similarity_perfect"]) == keys and set(result["similarity_to_truth"]) == keys
     assert out.with_suffix(".md").read_text().startswith("| model |")
     assert {p.name for p in figs.iterdir()} >= {"smile_glasses_transfer_to_b.png", "smile_glasses_removal.png",
                                                  "smile_glasses_intersection.png", "smile_glasses_interpolation.png"}
     assert "membership" in capsys.readouterr().out
+
+
+def test_similarity_of_a_perfect_removal_is_the_ground_truth_scored_against_the_input(tmp_path: Path, judge_for_eval: Path):
+    """`similarity_perfect` is measured independently here: render the test contents and their attribute-free
+    ground truth, and take the cosine of the judge's features; an edit equal to its truth scores 1 on
+    `similarity_to_truth`."""
+    from training import evaluate, synthetic
+
+    judge = judge_mod.load(judge_for_eval)
+    model = models.load(_tiny_model(tmp_path))
+    result = evaluate.evaluate(model, judge, n=8, device="cpu")
+    contents = synthetic.sample_faces(torch.arange(0, 8), synthetic.TEST_SEED, {"smile": True, "glasses": False, "beard": False})
+    img, truth = synthetic.render(contents, 64), synthetic.render(contents.edit(smile=False), 64)
+    with torch.no_grad():
+        expected = metrics.cosine(judge.features(img), judge.features(truth)).mean().item()
+    assert result["similarity_perfect"]["remove_a"] == pytest.approx(expected, abs=1e-4)
+
+    scorer = evaluate._Scorer(judge, torch.device("cpu"), 8)
+    f_img = scorer.features(img)
+    truths = evaluate._Edits(truth, truth, truth, truth, img, img)
+    perfect = evaluate._against_truth(scorer, truths, {"remove_a": (f_img, scorer.features(truth))})
+    assert perfect["similarity_to_truth"]["remove_a"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_did_eval_refuses_a_model_of_no_benchmark_pair(tmp_path: Path, judge_for_eval: Path, capsys: pytest.CaptureFixture):
