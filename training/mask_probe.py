@@ -4,8 +4,11 @@
 
 Per domain it prints the mean mask inside and outside the renderer's exact attribute region, and what the judge
 sees on the attribute-free decode G(E_c(x), 0, 0). That last number tells the failure that IoU alone hides: when
-the attribute-free decode draws the attribute itself, the mask has nothing to add and closes on it. `--out` writes a
-grid, per domain: inputs, predicted masks, true regions, removals (first 8 faces).
+the attribute-free decode draws the attribute itself, the mask has nothing to add and closes on it. It also prints
+the IoU that the renderer's own set of changed pixels (coverage > 0) scores against the true region (coverage >
+0.5): the share of anti-aliased edge pixels at this size, which bounds what a mask that opens wherever the
+attribute touches a pixel can reach. `--out` writes a grid, per domain: inputs, predicted masks, true regions,
+removals (first 8 faces).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from models.disentangler import Disentangler
 from models.images import save_grid
 
 from . import judge as judge_mod
+from . import metrics
 from . import synthetic
 from .evaluate import synthetic_pair
 
@@ -39,7 +43,8 @@ def probe(model: Disentangler, judge: judge_mod.Judge, n: int = 32,
         faces = synthetic.sample_domain(pair, dom, range(n), seed=seed)
         x, masks = synthetic.render_with_masks(faces, model.config.image_size)
         x = x.to(model.device)
-        truth = (masks[attr] > 0.5).float().to(model.device)
+        coverage = masks[attr].to(model.device)
+        truth = (coverage > 0.5).float()
         seg, removed = model.segment(x, dom), model.remove(x, dom)
         base = model.decode(model.encode(x).common)
         seen = judge.to(model.device).eval().predict(base)
@@ -47,6 +52,7 @@ def probe(model: Disentangler, judge: judge_mod.Judge, n: int = 32,
             "mask_inside": round(((seg * truth).sum() / truth.sum().clamp(min=1)).item(), 4),
             "mask_outside": round(((seg * (1 - truth)).sum() / (1 - truth).sum().clamp(min=1)).item(), 4),
             "judge_on_attribute_free_decode": {name: round(v.float().mean().item(), 4) for name, v in seen.items()},
+            "changed_pixels_iou": round(metrics.iou(coverage > 0, truth > 0).mean().item(), 4),
         }
         k = min(8, n)
         rows += [x[:k], seg[:k].expand(-1, 3, -1, -1) * 2 - 1, truth[:k].expand(-1, 3, -1, -1) * 2 - 1, removed[:k]]
@@ -64,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     report, picture = probe(model, judge_mod.load(args.judge, "cpu"), n=args.n)
     for attr, r in report.items():
         print(f"{attr}: mask inside {r['mask_inside']:.3f} outside {r['mask_outside']:.3f}; "
-              f"judge on G(E_c(x), 0, 0): {r['judge_on_attribute_free_decode']}")
+              f"judge on G(E_c(x), 0, 0): {r['judge_on_attribute_free_decode']}; "
+              f"IoU of the changed pixels against the region: {r['changed_pixels_iou']:.3f}")
     if args.out:
         print(f"wrote {save_grid(picture, args.out, nrow=min(8, args.n))}")
     return 0
