@@ -255,6 +255,7 @@ def test_mask_probe_reports_mask_means_and_refuses_a_plain_model(tmp_path: Path,
         assert 0.0 <= r["mask_inside"] <= 1.0 and 0.0 <= r["mask_outside"] <= 1.0
         assert set(r["judge_on_attribute_free_decode"]) == set(judge.config.attributes)
         assert 0.0 < r["changed_pixels_iou"] < 1.0  # anti-aliased edges: some touched pixels are under half covered
+        assert 0.0 <= r["missed_at_0.5"] <= 1.0 and r["extra_at_0.5"] >= 0.0
     assert picture.shape == (2 * 4 * 4, 3, 64, 64) and picture.min() >= -1 and picture.max() <= 1
     with pytest.raises(ValueError, match="no masks"):
         mask_probe.probe(models.load(_tiny_model(tmp_path)), judge, n=2)

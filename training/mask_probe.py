@@ -7,7 +7,8 @@ sees on the attribute-free decode G(E_c(x), 0, 0). That last number tells the fa
 the attribute-free decode draws the attribute itself, the mask has nothing to add and closes on it. It also prints
 the IoU that the renderer's own set of changed pixels (coverage > 0) scores against the true region (coverage >
 0.5): the share of anti-aliased edge pixels at this size, which bounds what a mask that opens wherever the
-attribute touches a pixel can reach. `--out` writes a grid, per domain: inputs, predicted masks, true regions,
+attribute touches a pixel can reach; and, at the 0.5 threshold, the region's pixels the mask misses and the pixels
+it adds outside (both as fractions of the region's area). `--out` writes a grid, per domain: inputs, predicted masks, true regions,
 removals (first 8 faces).
 """
 from __future__ import annotations
@@ -53,6 +54,9 @@ def probe(model: Disentangler, judge: judge_mod.Judge, n: int = 32,
             "mask_outside": round(((seg * (1 - truth)).sum() / (1 - truth).sum().clamp(min=1)).item(), 4),
             "judge_on_attribute_free_decode": {name: round(v.float().mean().item(), 4) for name, v in seen.items()},
             "changed_pixels_iou": round(metrics.iou(coverage > 0, truth > 0).mean().item(), 4),
+            # where the mask at 0.5 errs, as fractions of the true regions' area: too small, or too large
+            "missed_at_0.5": round(((seg <= 0.5) & (truth > 0)).sum().item() / max(truth.sum().item(), 1), 4),
+            "extra_at_0.5": round(((seg > 0.5) & (truth == 0)).sum().item() / max(truth.sum().item(), 1), 4),
         }
         k = min(8, n)
         rows += [x[:k], seg[:k].expand(-1, 3, -1, -1) * 2 - 1, truth[:k].expand(-1, 3, -1, -1) * 2 - 1, removed[:k]]
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     for attr, r in report.items():
         print(f"{attr}: mask inside {r['mask_inside']:.3f} outside {r['mask_outside']:.3f}; "
               f"judge on G(E_c(x), 0, 0): {r['judge_on_attribute_free_decode']}; "
-              f"IoU of the changed pixels against the region: {r['changed_pixels_iou']:.3f}")
+              f"IoU of the changed pixels against the region: {r['changed_pixels_iou']:.3f}; at 0.5 the mask misses "
+              f"{r['missed_at_0.5']:.1%} of the region and adds {r['extra_at_0.5']:.1%} of its area outside")
     if args.out:
         print(f"wrote {save_grid(picture, args.out, nrow=min(8, args.n))}")
     return 0
