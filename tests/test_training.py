@@ -180,6 +180,40 @@ def test_masked_removal_weight_charges_the_removal_through_the_mask(tmp_path: Pa
     assert trainer.model.decoder.to_rgb.weight.grad[:, 3].abs().sum() > 0  # the mask channel's logits
 
 
+def test_translated_own_weight_charges_the_contents_own_attribute_on_its_translation(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The term reads each translation with the separate encoder of its content's own domain (a's content with b's
+    attribute by E_sA, b's by E_sB), on the translation as composited in the pass; the reading encoders are detached
+    (the gradient reaches the decoder, the common code and the guide's separate code that drew the translation)."""
+    from models.config import preset
+    from training import losses
+    from training.loop import TrainConfig, Trainer
+
+    out = tmp_path / "run"
+    assert main(_tiny(out, 2, "--variant", "mask", "--translated-own-weight", "3")) == 0
+    assert all(r["translated_own"] > 0 for r in _log(out))
+    assert read_card(out / "model.json")["training"]["config"]["translated_own_weight"] == 3
+    assert main(_tiny(tmp_path / "plain", 1, "--translated-own-weight", "1")) == 2
+    assert "variant 'mask'" in capsys.readouterr().err
+
+    cfg = TrainConfig(width="tiny", variant="mask", translated_own_weight=1.0, batch_size=2)
+    trainer = Trainer(cfg, preset("tiny", image_size=64, variant="mask"), torch.device("cpu"))
+    a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    trainer.model.eval()
+    mp = trainer.gen(a, b)
+    term = trainer._translated_own_term(mp.rgb, mp.mask)
+    with torch.no_grad():
+        ca, cb = trainer.model.encode(a), trainer.model.encode(b)
+        t_a = trainer.model.decode(ca.common, torch.zeros_like(ca.sep_a), cb.sep_b)  # a with b's attribute
+        t_b = trainer.model.decode(cb.common, ca.sep_a, torch.zeros_like(cb.sep_b))  # b with a's
+        expected = trainer.model.enc_a(t_a).abs().mean() + trainer.model.enc_b(t_b).abs().mean()
+    torch.testing.assert_close(term.detach(), expected, atol=1e-5, rtol=1e-4)
+    # the reading encoders are detached: on detached translations the term has no gradient to give
+    assert not trainer._translated_own_term(mp.rgb.detach(), mp.mask.detach()).requires_grad
+    term.backward()
+    assert trainer.model.decoder.to_rgb.weight.grad[:, 3].abs().sum() > 0  # through the translations' masks
+
+
 def test_removal_term_reads_the_separate_encoders_without_training_them() -> None:
     """The term's gradient reaches the decoder and the common encoder, never the separate encoders that judge."""
     from models.config import preset

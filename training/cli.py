@@ -81,6 +81,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="mask variant: add W * |E_s(m G(E_c(x), 0, 0) + (1 - m) x)|, the separate encoders' "
                           "answer on the removal drawn through the image's own mask (not in the papers; default 0); "
                           "charges the attribute a mask leaves uncovered")
+    opt.add_argument("--translated-own-weight", type=float, default=d.translated_own_weight,
+                     help="mask variant: add W * |E_sA(t_a)| + |E_sB(t_b)| on the translations, the content's own "
+                          "attribute read by its separate encoder (not in the papers; default 0); charges an "
+                          "attribute the common code draws back under the other attribute's mask")
     opt.add_argument("--common-noise", type=float, default=d.common_noise,
                      help="train the decoder on E_c(x) plus Gaussian noise of this std relative to the code's RMS "
                           "(not in the papers; default 0): a bottleneck that keeps attributes out of the common code")
@@ -143,7 +147,7 @@ def run_train(args: argparse.Namespace) -> int:
         recon_weight_b=args.recon_weight_b, zero_weight=args.zero_weight, adv_weight=args.adv_weight,
         mask_recon_weight=args.mask_recon_weight, cycle_weight_a=args.cycle_weight_a, cycle_weight_b=args.cycle_weight_b,
         mask_weight=args.mask_weight, structure_weight=args.structure_weight, removal_weight=args.removal_weight,
-        masked_removal_weight=args.masked_removal_weight,
+        masked_removal_weight=args.masked_removal_weight, translated_own_weight=args.translated_own_weight,
         common_noise=args.common_noise, neither_weight=args.neither_weight, neither_adversary=args.neither_adversary,
         clip=args.clip, disc_steps=args.disc_steps,
         seed=args.seed, device=args.device, amp=args.amp,

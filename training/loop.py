@@ -81,6 +81,7 @@ class TrainConfig:
     structure_weight: float = 0.0  # W * (1 - SSIM) added to each reconstruction (not in the papers; 0: L1 only)
     removal_weight: float = 0.0  # W * |E_s(G(E_c(x), 0, 0))|: the removal re-encodes to no attribute (ours)
     masked_removal_weight: float = 0.0  # mask variant: W * |E_s(m G(E_c(x), 0, 0) + (1 - m) x)|, on the removal itself (ours)
+    translated_own_weight: float = 0.0  # mask variant: W * |own E_s(translation)|, the content's attribute gone (ours)
     common_noise: float = 0.0  # decode from E_c(x) + noise of this std relative to the code's RMS (ours; 0: off)
     neither_weight: float = 0.0  # W * L1(G(E_c(n), 0, 0), n) on faces n with neither attribute (ours; 0: off)
     neither_adversary: bool = False  # the latent adversary over three groups, A and B pushed towards neither (ours)
@@ -111,6 +112,10 @@ class TrainConfig:
             raise ValueError(f"masked_removal_weight must not be negative, not {self.masked_removal_weight}")
         if self.masked_removal_weight and self.variant != "mask":
             raise ValueError("masked_removal_weight charges a mask model's removal: it needs variant 'mask'")
+        if self.translated_own_weight < 0:
+            raise ValueError(f"translated_own_weight must not be negative, not {self.translated_own_weight}")
+        if self.translated_own_weight and self.variant != "mask":
+            raise ValueError("translated_own_weight charges a mask model's translations: it needs variant 'mask'")
         if self.common_noise < 0:
             raise ValueError(f"common_noise must not be negative, not {self.common_noise}")
         if self.neither_weight < 0:
@@ -281,6 +286,7 @@ VARIANT_METRICS = {"plain": METRICS, "mask": MASK_METRICS}
 STRUCTURE_METRICS = ("structure_a", "structure_b")  # logged when structure_weight > 0
 REMOVAL_METRICS = ("removal",)  # logged when removal_weight > 0
 MASKED_REMOVAL_METRICS = ("masked_removal",)  # logged when masked_removal_weight > 0
+TRANSLATED_OWN_METRICS = ("translated_own",)  # logged when translated_own_weight > 0
 NEITHER_METRICS = ("neither", "neither_zero")  # logged when neither_weight > 0
 
 
@@ -316,6 +322,9 @@ class Trainer:
         if cfg.masked_removal_weight:
             self.metrics = self.metrics + MASKED_REMOVAL_METRICS
             self.weights |= {"masked_removal": cfg.masked_removal_weight}
+        if cfg.translated_own_weight:
+            self.metrics = self.metrics + TRANSLATED_OWN_METRICS
+            self.weights |= {"translated_own": cfg.translated_own_weight}
         if cfg.neither_weight:
             # the attribute-free decode of faces without either attribute must give them back (with the structure
             # term when it is on), and both separate encoders must answer zero on them, as the zero term asks
@@ -357,6 +366,8 @@ class Trainer:
                 terms["removal"] = self._removal_term(out.rgb[2 * n : 4 * n])
             if cfg.masked_removal_weight:
                 terms["masked_removal"] = self._removal_term(self._masked_removals(rgb, mask, a, b))
+            if cfg.translated_own_weight:
+                terms["translated_own"] = self._translated_own_term(rgb, mask)
             if cfg.structure_weight:  # on the masked reconstructions, composited as in `_mask_terms`
                 recon_a = losses.composite(rgb[:n], mask[:n], rgb[2 * n : 3 * n])
                 recon_b = losses.composite(rgb[n : 2 * n], mask[n : 2 * n], rgb[3 * n : 4 * n])
@@ -413,6 +424,23 @@ class Trainer:
             codes = [functional_call(enc, {k: v.detach() for k, v in enc.named_parameters()}, (removed,))
                      for enc in (self.model.enc_a, self.model.enc_b)]
         return losses.removal_codes(codes[0].float(), codes[1].float())
+
+    def _translated_own_term(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """|E_sA(t_a)|_1 + |E_sB(t_b)|_1 on the pass's composited translations (t_a: a's content with b's attribute,
+        t_b: b's with a's), read by detached separate encoders as in `_removal_term`: the content's own attribute
+        must be gone from its translation.
+
+        The removal terms charge only the decode with both separate codes zero. A common code that still carries
+        the content's attribute is then free to draw it back whenever the other separate code is on, inside the
+        mask that code opens (a bearded beard_smile translation of a smiling face re-draws the smile within the
+        beard's mask); this term charges exactly those pixels. Its gradient reaches the decoder, the common code and
+        the guide's separate code that drew the translation, not the encoders as readers."""
+        n = rgb.shape[0] // 6
+        translated = losses.composite(rgb[4 * n :], mask[4 * n :], rgb[2 * n : 4 * n])
+        with self.autocast():
+            own = [functional_call(enc, {k: v.detach() for k, v in enc.named_parameters()}, (x,))
+                   for enc, x in ((self.model.enc_a, translated[:n]), (self.model.enc_b, translated[n:]))]
+        return own[0].float().abs().mean() + own[1].float().abs().mean()
 
     @staticmethod
     def _masked_removals(rgb: torch.Tensor, mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
