@@ -155,18 +155,24 @@ def test_removal_weight_charges_the_attribute_free_decode(tmp_path: Path, capsys
     assert _log(tmp_path / "mask")[-1]["removal"] > 0
 
 
+def _check_mask_only_weight(tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, key: str) -> None:
+    """A mask-variant-only loss weight: a tiny mask run logs its term and records the weight in the card, and a
+    plain run refuses the flag (exit 2, naming the variant)."""
+    out = tmp_path / "run"
+    assert main(_tiny(out, 2, "--variant", "mask", flag, "3")) == 0
+    assert all(r[key] > 0 for r in _log(out))
+    assert read_card(out / "model.json")["training"]["config"][f"{key}_weight"] == 3
+    assert main(_tiny(tmp_path / "plain", 1, flag, "1")) == 2
+    assert "variant 'mask'" in capsys.readouterr().err
+
+
 def test_masked_removal_weight_charges_the_removal_through_the_mask(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The mask variant's removal term on m * G(c, 0, 0) + (1 - m) * x: the composite is the soft removal the model
     serves, and its gradient reaches the mask channel of the decoder."""
     from models.config import preset
     from training.loop import TrainConfig, Trainer
 
-    out = tmp_path / "run"
-    assert main(_tiny(out, 2, "--variant", "mask", "--masked-removal-weight", "2")) == 0
-    assert all(r["masked_removal"] > 0 for r in _log(out))
-    assert read_card(out / "model.json")["training"]["config"]["masked_removal_weight"] == 2
-    assert main(_tiny(tmp_path / "plain", 1, "--masked-removal-weight", "1")) == 2
-    assert "variant 'mask'" in capsys.readouterr().err
+    _check_mask_only_weight(tmp_path, capsys, "--masked-removal-weight", "masked_removal")
 
     cfg = TrainConfig(width="tiny", variant="mask", masked_removal_weight=1.0, batch_size=2)
     trainer = Trainer(cfg, preset("tiny", image_size=64, variant="mask"), torch.device("cpu"))
@@ -186,22 +192,16 @@ def test_translated_own_weight_charges_the_contents_own_attribute_on_its_transla
     attribute by E_sA, b's by E_sB), on the translation as composited in the pass; the reading encoders are detached
     (the gradient reaches the decoder, the common code and the guide's separate code that drew the translation)."""
     from models.config import preset
-    from training import losses
     from training.loop import TrainConfig, Trainer
 
-    out = tmp_path / "run"
-    assert main(_tiny(out, 2, "--variant", "mask", "--translated-own-weight", "3")) == 0
-    assert all(r["translated_own"] > 0 for r in _log(out))
-    assert read_card(out / "model.json")["training"]["config"]["translated_own_weight"] == 3
-    assert main(_tiny(tmp_path / "plain", 1, "--translated-own-weight", "1")) == 2
-    assert "variant 'mask'" in capsys.readouterr().err
+    _check_mask_only_weight(tmp_path, capsys, "--translated-own-weight", "translated_own")
 
     cfg = TrainConfig(width="tiny", variant="mask", translated_own_weight=1.0, batch_size=2)
     trainer = Trainer(cfg, preset("tiny", image_size=64, variant="mask"), torch.device("cpu"))
     a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     trainer.model.eval()
     mp = trainer.gen(a, b)
-    term = trainer._translated_own_term(mp.rgb, mp.mask)
+    term = trainer._translated_own_term(mp.translated)
     with torch.no_grad():
         ca, cb = trainer.model.encode(a), trainer.model.encode(b)
         t_a = trainer.model.decode(ca.common, torch.zeros_like(ca.sep_a), cb.sep_b)  # a with b's attribute
@@ -209,7 +209,7 @@ def test_translated_own_weight_charges_the_contents_own_attribute_on_its_transla
         expected = trainer.model.enc_a(t_a).abs().mean() + trainer.model.enc_b(t_b).abs().mean()
     torch.testing.assert_close(term.detach(), expected, atol=1e-5, rtol=1e-4)
     # the reading encoders are detached: on detached translations the term has no gradient to give
-    assert not trainer._translated_own_term(mp.rgb.detach(), mp.mask.detach()).requires_grad
+    assert not trainer._translated_own_term(mp.translated.detach()).requires_grad
     term.backward()
     assert trainer.model.decoder.to_rgb.weight.grad[:, 3].abs().sum() > 0  # through the translations' masks
 

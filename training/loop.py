@@ -171,12 +171,14 @@ def setup_distributed(device_arg: str) -> tuple[Dist, torch.device]:
 class MaskPass(NamedTuple):
     """One forward pass of the mask variant, n images per domain; rgb/mask rows in blocks of n: reconstructions
     G(c_a, sA_a, 0), G(c_b, 0, sB_b); bases G(c_a, 0, 0), G(c_b, 0, 0); translations G(c_a, 0, sB_b) (a with b's
-    attribute), G(c_b, sA_a, 0) (b with a's). `cycle` holds the codes of the two composited translations."""
+    attribute), G(c_b, sA_a, 0) (b with a's). `translated` holds those two translations composited over their
+    content's base, and `cycle` their codes."""
 
     codes_a: Codes
     codes_b: Codes
     rgb: torch.Tensor  # (6n, 3, S, S)
     mask: torch.Tensor  # (6n, 1, S, S)
+    translated: torch.Tensor  # (2n, 3, S, S): translated a, translated b
     cycle: Codes  # (2n, ...): E(translated a), E(translated b)
     neither: "NeitherPass | None" = None
 
@@ -263,7 +265,7 @@ class _Generator(nn.Module):
         )
         # Translations composited over their content's attribute-free base, as `decode` renders them.
         translated = mask[4 * n :] * rgb[4 * n :] + (1 - mask[4 * n :]) * rgb[2 * n : 4 * n]
-        return MaskPass(codes_a, codes_b, rgb, mask, self.model.encode(translated))
+        return MaskPass(codes_a, codes_b, rgb, mask, translated, self.model.encode(translated))
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -367,7 +369,7 @@ class Trainer:
             if cfg.masked_removal_weight:
                 terms["masked_removal"] = self._removal_term(self._masked_removals(rgb, mask, a, b))
             if cfg.translated_own_weight:
-                terms["translated_own"] = self._translated_own_term(rgb, mask)
+                terms["translated_own"] = self._translated_own_term(out.translated)
             if cfg.structure_weight:  # on the masked reconstructions, composited as in `_mask_terms`
                 recon_a = losses.composite(rgb[:n], mask[:n], rgb[2 * n : 3 * n])
                 recon_b = losses.composite(rgb[n : 2 * n], mask[n : 2 * n], rgb[3 * n : 4 * n])
@@ -420,27 +422,30 @@ class Trainer:
         """losses.removal_codes on G(c, 0, 0) of both domains, read by the separate encoders through detached copies
         of their parameters: they stay detectors trained by the reconstructions and the zero term alone, and the
         gradient reaches the decoder and, through c, the common encoder."""
-        with self.autocast():
-            codes = [functional_call(enc, {k: v.detach() for k, v in enc.named_parameters()}, (removed,))
-                     for enc in (self.model.enc_a, self.model.enc_b)]
-        return losses.removal_codes(codes[0].float(), codes[1].float())
+        codes = [self._read_detached(enc, removed) for enc in (self.model.enc_a, self.model.enc_b)]
+        return losses.removal_codes(codes[0], codes[1])
 
-    def _translated_own_term(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """|E_sA(t_a)|_1 + |E_sB(t_b)|_1 on the pass's composited translations (t_a: a's content with b's attribute,
-        t_b: b's with a's), read by detached separate encoders as in `_removal_term`: the content's own attribute
-        must be gone from its translation.
+    def _read_detached(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`encoder(x)` in float32 through detached copies of its parameters: the encoder judges x without being
+        trained by the judgement; the gradient flows back into x alone."""
+        with self.autocast():
+            code = functional_call(encoder, {k: v.detach() for k, v in encoder.named_parameters()}, (x,))
+        return code.float()
+
+    def _translated_own_term(self, translated: torch.Tensor) -> torch.Tensor:
+        """|E_sA(t_a)|_1 + |E_sB(t_b)|_1 on the pass's composited translations (`MaskPass.translated`; t_a: a's
+        content with b's attribute, t_b: b's with a's), read by detached separate encoders as in `_removal_term`:
+        the content's own attribute must be gone from its translation.
 
         The removal terms charge only the decode with both separate codes zero. A common code that still carries
         the content's attribute is then free to draw it back whenever the other separate code is on, inside the
         mask that code opens (a bearded beard_smile translation of a smiling face re-draws the smile within the
         beard's mask); this term charges exactly those pixels. Its gradient reaches the decoder, the common code and
         the guide's separate code that drew the translation, not the encoders as readers."""
-        n = rgb.shape[0] // 6
-        translated = losses.composite(rgb[4 * n :], mask[4 * n :], rgb[2 * n : 4 * n])
-        with self.autocast():
-            own = [functional_call(enc, {k: v.detach() for k, v in enc.named_parameters()}, (x,))
-                   for enc, x in ((self.model.enc_a, translated[:n]), (self.model.enc_b, translated[n:]))]
-        return own[0].float().abs().mean() + own[1].float().abs().mean()
+        n = translated.shape[0] // 2
+        own_a = self._read_detached(self.model.enc_a, translated[:n])
+        own_b = self._read_detached(self.model.enc_b, translated[n:])
+        return own_a.abs().mean() + own_b.abs().mean()
 
     @staticmethod
     def _masked_removals(rgb: torch.Tensor, mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -49,14 +49,15 @@ def probe(model: Disentangler, judge: judge_mod.Judge, n: int = 32,
         seg, removed = model.segment(x, dom), model.remove(x, dom)
         base = model.decode(model.encode(x).common)
         seen = judge.to(model.device).eval().predict(base)
+        area = max(truth.sum().item(), 1)
         report[attr] = {
             "mask_inside": round(((seg * truth).sum() / truth.sum().clamp(min=1)).item(), 4),
             "mask_outside": round(((seg * (1 - truth)).sum() / (1 - truth).sum().clamp(min=1)).item(), 4),
             "judge_on_attribute_free_decode": {name: round(v.float().mean().item(), 4) for name, v in seen.items()},
             "changed_pixels_iou": round(metrics.iou(coverage > 0, truth > 0).mean().item(), 4),
             # where the mask at 0.5 errs, as fractions of the true regions' area: too small, or too large
-            "missed_at_0.5": round(((seg <= 0.5) & (truth > 0)).sum().item() / max(truth.sum().item(), 1), 4),
-            "extra_at_0.5": round(((seg > 0.5) & (truth == 0)).sum().item() / max(truth.sum().item(), 1), 4),
+            "missed_at_0.5": round(((seg <= 0.5) & (truth > 0)).sum().item() / area, 4),
+            "extra_at_0.5": round(((seg > 0.5) & (truth == 0)).sum().item() / area, 4),
         }
         k = min(8, n)
         rows += [x[:k], seg[:k].expand(-1, 3, -1, -1) * 2 - 1, truth[:k].expand(-1, 3, -1, -1) * 2 - 1, removed[:k]]
