@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU, one command: trains the shipped checkpoints (smile_glasses, beard_smile, beard_glasses and the
-# smile_glasses mask model, 128 px, slim widths, fp16 storage), the loss ablation of smile_glasses and the judge,
+# mask models of all three pairs, 128 px, slim widths, fp16 storage), the loss ablation of smile_glasses and the judge,
 # all at once on the one GPU (each training is a separate process with the same time budget), then runs the GPU
 # benchmarks on the idle GPU. Every run writes into $OUT/<name>/ (checkpoint, log.jsonl, samples/).
 #
@@ -8,14 +8,16 @@
 #
 # MINUTES is the training time of every run (--max-minutes; each stops and saves at the first log step past it).
 # ADV is the common-space adversary weight of the shipped plain models; the published 0.001 is trained beside
-# it as `published_adv` for comparison. RUNS picks the trainings (default: all nine). EVAL=0 skips the
+# it as `published_adv` for comparison. RUNS picks the trainings (default: all eleven). EVAL=0 skips the
 # evaluation, BENCH=0 the benchmarks, HTTP=0 the HTTP one. PACK=DIR puts everything into a few tar files there.
 # STRUCTURE is --structure-weight for every run (1: the SSIM term that lets the smile be learned; 0: L1 alone, as
 # published); it needs pytorch-msssim installed. The mask model adds --removal-weight MASK_REMOVAL (default 5: without
 # it the attribute-free decode draws the glasses itself and the mask never opens on them) at adversarial weight
 # MASK_ADV (default 0.12, the plain 0.02 scaled by the mask losses' reconstruction weights) and
 # --masked-removal-weight MASKED_REMOVAL (default 10: the removal drawn through the mask must lose the attribute, so
-# the mask covers all of it; 0 turns it off). NOISE and NEITHER are
+# the mask covers all of it; 0 turns it off); the three mask models also take --mask-weight MASK_WEIGHT (0.3),
+# --neither-weight MASK_NEITHER (5) with --neither-adversary and --structure-weight MASK_STRUCTURE (3), the flags of
+# the bundled CPU mask models, and the beard pairs' the cycle and translated-own terms of their later CPU stages. NOISE and NEITHER are
 # --common-noise and --neither-weight for every run (default 0: off; see docs/evaluation.md, why removal fails);
 # NEITHER_ADV=1 adds --neither-adversary to every run (needs NEITHER > 0). The bundled plain checkpoints were all
 # fine-tuned on a CPU with NOISE=0.3 NEITHER=1 NEITHER_ADV=1 (smile_glasses' and beard_smile's last stages with
@@ -55,11 +57,19 @@ run() {  # run NAME FLAGS...: one training in the background, its output in $OUT
 
 date -u +"start %FT%TZ"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+# the flags every mask model shares, after the common ones (so they win): those of the bundled CPU mask models
+MASK_COMMON="--adv-weight $MASK_ADV --removal-weight $MASK_REMOVAL --masked-removal-weight $MASKED_REMOVAL --mask-weight ${MASK_WEIGHT:-0.3}"
+MASK_COMMON+=" --neither-weight ${MASK_NEITHER:-5} --neither-adversary --structure-weight ${MASK_STRUCTURE:-3}"
 declare -A FLAGS=(
     [smile_glasses]="--pair smile_glasses --adv-weight $ADV"
     [beard_smile]="--pair beard_smile --adv-weight $ADV"
     [beard_glasses]="--pair beard_glasses --adv-weight $ADV"
-    [smile_glasses_mask]="--pair smile_glasses --variant mask --adv-weight $MASK_ADV --removal-weight $MASK_REMOVAL --masked-removal-weight $MASKED_REMOVAL"
+    [smile_glasses_mask]="--pair smile_glasses --variant mask $MASK_COMMON"
+    # the beard pairs' mask models with the terms of their CPU stages 3 and 4 on from the start (docs/evaluation.md,
+    # mask models of the beard pairs): the code cycle of the translations that add the beard at weight 1, and for
+    # beard_smile the content's own attribute charged on its translations
+    [beard_smile_mask]="--pair beard_smile --variant mask $MASK_COMMON --cycle-weight-b 1 --translated-own-weight 10"
+    [beard_glasses_mask]="--pair beard_glasses --variant mask $MASK_COMMON --cycle-weight-a 1 --cycle-weight-b 1"
     [ablation_no_zero]="--pair smile_glasses --adv-weight $ADV --zero-weight 0"
     [ablation_no_adv]="--pair smile_glasses --adv-weight 0"
     [ablation_neither]="--pair smile_glasses --adv-weight 0 --zero-weight 0"
@@ -68,7 +78,7 @@ declare -A FLAGS=(
     # run's own flags come after the common ones, so they win
     [noise_neither]="--pair smile_glasses --adv-weight $ADV --common-noise 0.3 --neither-weight 1 --neither-adversary"
 )
-RUNS=${RUNS:-smile_glasses beard_smile beard_glasses smile_glasses_mask ablation_no_zero ablation_no_adv ablation_neither published_adv noise_neither}
+RUNS=${RUNS:-smile_glasses beard_smile beard_glasses smile_glasses_mask beard_smile_mask beard_glasses_mask ablation_no_zero ablation_no_adv ablation_neither published_adv noise_neither}
 for name in $RUNS; do
     # shellcheck disable=SC2086  # the flags are meant to split into words
     run "$name" ${FLAGS[$name]}
@@ -91,8 +101,8 @@ if [ -n "${PACK:-}" ]; then
     mkdir -p "$PACK"
     (cd "$OUT" && tar cf "$PACK/meta.tar" --exclude='*.safetensors' --exclude='train_state.pt' --exclude=http_weights . )
     i=0
-    for group in "smile_glasses smile_glasses_mask judge" "beard_smile beard_glasses" "ablation_no_zero ablation_no_adv" \
-                 "ablation_neither published_adv" noise_neither; do
+    for group in "smile_glasses smile_glasses_mask judge" "beard_smile beard_smile_mask" "beard_glasses beard_glasses_mask" \
+                 "ablation_no_zero ablation_no_adv" "ablation_neither published_adv" noise_neither; do
         files=()
         for name in $group; do
             if [ "$name" = judge ]; then [ -d "$OUT/judge" ] && files+=(judge); else for f in "$OUT/$name"/model.*; do [ -f "$f" ] && files+=("$name/$(basename "$f")"); done; fi
@@ -108,9 +118,9 @@ if [ "${EVAL:-1}" = 1 ] && [ -f "$OUT/judge/judge.json" ]; then
     for d in "$OUT"/*/; do
         name=$(basename "$d")
         [ -f "$d/model.json" ] || continue
-        figs=(); case $name in smile_glasses|beard_smile|beard_glasses|smile_glasses_mask) figs=(--figures "$OUT/figures/$name");; esac
-        # The mask model beside the plain one of its pair, on the same faces: the mask paper's removal table.
-        cmp=(); [ "$name" = smile_glasses_mask ] && [ -f "$OUT/smile_glasses/model.json" ] && cmp=(--compare "$OUT/smile_glasses")
+        figs=(); case $name in smile_glasses|beard_smile|beard_glasses|*_mask) figs=(--figures "$OUT/figures/$name");; esac
+        # A mask model beside the plain one of its pair, on the same faces: the mask paper's removal table.
+        cmp=(); case $name in *_mask) [ -f "$OUT/${name%_mask}/model.json" ] && cmp=(--compare "$OUT/${name%_mask}");; esac
         timeout 240 "$PY" -m training.cli eval \
             --model "$d" --judge "$OUT/judge/judge" --n "${EVAL_N:-512}" --device "$DEVICE" --json "$OUT/eval/$name.json" \
             "${figs[@]}" "${cmp[@]}" >"$OUT/eval_$name.log" 2>&1 || echo "eval of $name failed: $(tail -n 2 "$OUT/eval_$name.log")"
