@@ -17,9 +17,9 @@
 # --masked-removal-weight MASKED_REMOVAL (default 10: the removal drawn through the mask must lose the attribute, so
 # the mask covers all of it; 0 turns it off); the three mask models also take --mask-weight MASK_WEIGHT (0.3),
 # --neither-weight MASK_NEITHER (5) with --neither-adversary and --structure-weight MASK_STRUCTURE (3), the flags of
-# the bundled CPU mask models, with the cycle (and for beard_smile the translated-own) terms of their later CPU stages. NOISE and NEITHER are
-# --common-noise and --neither-weight for every run (default 0: off; see docs/evaluation.md, why removal fails);
-# NEITHER_ADV=1 adds --neither-adversary to every run (needs NEITHER > 0). The bundled plain checkpoints were all
+# the bundled CPU mask models, with the cycle (and for beard_smile the translated-own) terms of their later CPU
+# stages. NOISE and NEITHER are --common-noise and --neither-weight for every run (default 0: off; see
+# docs/evaluation.md, why removal fails); NEITHER_ADV=1 adds --neither-adversary to every run (needs NEITHER > 0). The bundled plain checkpoints were all
 # fine-tuned on a CPU with NOISE=0.3 NEITHER=1 NEITHER_ADV=1 (smile_glasses' and beard_smile's last stages with
 # STRUCTURE=3).
 set -u -o pipefail

@@ -51,7 +51,7 @@ def probe(model: Disentangler, judge: judge_mod.Judge, n: int = 32,
         seen = judge.to(model.device).eval().predict(base)
         area = max(truth.sum().item(), 1)
         report[attr] = {
-            "mask_inside": round(((seg * truth).sum() / truth.sum().clamp(min=1)).item(), 4),
+            "mask_inside": round((seg * truth).sum().item() / area, 4),
             "mask_outside": round(((seg * (1 - truth)).sum() / (1 - truth).sum().clamp(min=1)).item(), 4),
             "judge_on_attribute_free_decode": {name: round(v.float().mean().item(), 4) for name, v in seen.items()},
             "changed_pixels_iou": round(metrics.iou(coverage > 0, truth > 0).mean().item(), 4),
