@@ -186,30 +186,59 @@ def test_masked_removal_weight_charges_the_removal_through_the_mask(tmp_path: Pa
     assert trainer.model.decoder.to_rgb.weight.grad[:, 3].abs().sum() > 0  # the mask channel's logits
 
 
+def _translations(**weights: float):
+    """A tiny mask trainer with `weights` on (eval mode: no power-iteration steps), a pass on random a and b, and
+    the two translations computed the long way: (trainer, pass, codes of a, codes of b, t_a = a with b's attribute,
+    t_b = b with a's)."""
+    from models.config import preset
+    from training.loop import TrainConfig, Trainer
+
+    cfg = TrainConfig(width="tiny", variant="mask", batch_size=2, **weights)
+    trainer = Trainer(cfg, preset("tiny", image_size=64, variant="mask"), torch.device("cpu"))
+    a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    trainer.model.eval()
+    mp = trainer.gen(a, b)
+    with torch.no_grad():
+        ca, cb = trainer.model.encode(a), trainer.model.encode(b)
+        t_a = trainer.model.decode(ca.common, torch.zeros_like(ca.sep_a), cb.sep_b)
+        t_b = trainer.model.decode(cb.common, ca.sep_a, torch.zeros_like(cb.sep_b))
+    return trainer, mp, ca, cb, t_a, t_b
+
+
 def test_translated_own_weight_charges_the_contents_own_attribute_on_its_translation(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The term reads each translation with the separate encoder of its content's own domain (a's content with b's
     attribute by E_sA, b's by E_sB), on the translation as composited in the pass; the reading encoders are detached
     (the gradient reaches the decoder, the common code and the guide's separate code that drew the translation)."""
-    from models.config import preset
-    from training.loop import TrainConfig, Trainer
-
     _check_mask_only_weight(tmp_path, capsys, "--translated-own-weight", "translated_own")
 
-    cfg = TrainConfig(width="tiny", variant="mask", translated_own_weight=1.0, batch_size=2)
-    trainer = Trainer(cfg, preset("tiny", image_size=64, variant="mask"), torch.device("cpu"))
-    a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
-    trainer.model.eval()
-    mp = trainer.gen(a, b)
+    trainer, mp, _, _, t_a, t_b = _translations(translated_own_weight=1.0)
     term = trainer._translated_own_term(mp.translated)
     with torch.no_grad():
-        ca, cb = trainer.model.encode(a), trainer.model.encode(b)
-        t_a = trainer.model.decode(ca.common, torch.zeros_like(ca.sep_a), cb.sep_b)  # a with b's attribute
-        t_b = trainer.model.decode(cb.common, ca.sep_a, torch.zeros_like(cb.sep_b))  # b with a's
         expected = trainer.model.enc_a(t_a).abs().mean() + trainer.model.enc_b(t_b).abs().mean()
     torch.testing.assert_close(term.detach(), expected, atol=1e-5, rtol=1e-4)
     # the reading encoders are detached: on detached translations the term has no gradient to give
     assert not trainer._translated_own_term(mp.translated.detach()).requires_grad
+    term.backward()
+    assert trainer.model.decoder.to_rgb.weight.grad[:, 3].abs().sum() > 0  # through the translations' masks
+
+
+def test_translated_guide_weight_reads_the_guides_attribute_back_from_its_translation(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The term reads each translation with the separate encoder of its guide's domain (a's content with b's
+    attribute by E_sB, against b's own code; b's by E_sA, against a's) through detached encoders and detached
+    targets: its gradient reaches the translation (and its mask), never the readers."""
+    _check_mask_only_weight(tmp_path, capsys, "--translated-guide-weight", "translated_guide")
+
+    trainer, mp, ca, cb, t_a, t_b = _translations(translated_guide_weight=1.0)
+    term = trainer._translated_guide_term(mp.translated, mp.codes_a.sep_a, mp.codes_b.sep_b)
+    with torch.no_grad():
+        expected = (trainer.model.enc_b(t_a) - cb.sep_b).abs().mean() + (trainer.model.enc_a(t_b) - ca.sep_a).abs().mean()
+    torch.testing.assert_close(term.detach(), expected, atol=1e-5, rtol=1e-4)
+    # neither the readers nor the targets pass a gradient: on detached translations the term has none to give (the
+    # guide's encoder is still trained as the producer of the code that drew the translation)
+    detached = trainer._translated_guide_term(mp.translated.detach(), mp.codes_a.sep_a, mp.codes_b.sep_b)
+    assert not detached.requires_grad
     term.backward()
     assert trainer.model.decoder.to_rgb.weight.grad[:, 3].abs().sum() > 0  # through the translations' masks
 

@@ -35,6 +35,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--width", choices=sorted(PRESETS), default=d.width, help="network widths (default: the published 'paper')")
     model.add_argument("--sep-channels", type=int, help="override: channels of each separate code")
     model.add_argument("--code-channels", type=int, help="override: channels of the whole code map")
+    model.add_argument("--base-width", type=int,
+                       help="override: channels of the first encoder layer (halving it at 128 px keeps a 64 px preset's "
+                            "parameter count, as every later layer keeps its width)")
     model.add_argument("--variant", choices=VARIANTS, default=d.variant,
                        help="plain (Benaim et al. 2019, default) or mask (Mokady et al. 2020: the decoder also predicts "
                             "the attribute's mask and edits change only the pixels inside it). Switches every loss weight "
@@ -85,6 +88,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="mask variant: add W * |E_sA(t_a)| + |E_sB(t_b)| on the translations, the content's own "
                           "attribute read by its separate encoder (not in the papers; default 0); charges an "
                           "attribute the common code draws back under the other attribute's mask")
+    opt.add_argument("--translated-guide-weight", type=float, default=d.translated_guide_weight,
+                     help="mask variant: add W * |E_sB(t_a) - s_B| + |E_sA(t_b) - s_A| on the translations, the guide's "
+                          "attribute read back by detached separate encoders (not in the papers; default 0); charges "
+                          "a translation that draws the guide's attribute too faintly to carry its code")
     opt.add_argument("--common-noise", type=float, default=d.common_noise,
                      help="train the decoder on E_c(x) plus Gaussian noise of this std relative to the code's RMS "
                           "(not in the papers; default 0): a bottleneck that keeps attributes out of the common code")
@@ -140,7 +147,8 @@ def build_source(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     from .loop import TrainConfig, train
 
-    overrides = {k: v for k, v in (("sep_channels", args.sep_channels), ("code_channels", args.code_channels)) if v is not None}
+    overrides = {k: v for k, v in (("sep_channels", args.sep_channels), ("code_channels", args.code_channels),
+                                                    ("base_width", args.base_width)) if v is not None}
     cfg = TrainConfig(
         out=str(args.out), steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, width=args.width, lr=args.lr,
         betas=(args.beta1, args.beta2), variant=args.variant, recon_weight=args.recon_weight,
@@ -148,6 +156,7 @@ def run_train(args: argparse.Namespace) -> int:
         mask_recon_weight=args.mask_recon_weight, cycle_weight_a=args.cycle_weight_a, cycle_weight_b=args.cycle_weight_b,
         mask_weight=args.mask_weight, structure_weight=args.structure_weight, removal_weight=args.removal_weight,
         masked_removal_weight=args.masked_removal_weight, translated_own_weight=args.translated_own_weight,
+        translated_guide_weight=args.translated_guide_weight,
         common_noise=args.common_noise, neither_weight=args.neither_weight, neither_adversary=args.neither_adversary,
         clip=args.clip, disc_steps=args.disc_steps,
         seed=args.seed, device=args.device, amp=args.amp,
@@ -250,6 +259,8 @@ def run_judge_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import synthetic
+
     p = argparse.ArgumentParser(prog="did", description="Domain intersection and domain difference: train, preview data, serve.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -272,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--root", type=Path, help="CelebA root (--data celeba): its test split is used")
     ev.add_argument("--judge", type=Path, default=Path("weights/judge/judge"), help="attribute classifier (default weights/judge/judge)")
     ev.add_argument("--n", type=int, default=512, help="test images per domain (default 512)")
-    ev.add_argument("--seed", type=int, default=7919, help="synthetic test seed (default 7919, never used in training)")
+    ev.add_argument("--seed", type=int, default=synthetic.TEST_SEED,
+                    help=f"synthetic test seed (default {synthetic.TEST_SEED}, never used in training; "
+                         f"{synthetic.VALIDATION_SEED} is the validation seed, for choosing among checkpoints)")
     ev.add_argument("--batch", type=int, default=64)
     ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     ev.add_argument("--json", type=Path, help="write the results here (and a markdown table beside it, .md)")

@@ -82,6 +82,7 @@ class TrainConfig:
     removal_weight: float = 0.0  # W * |E_s(G(E_c(x), 0, 0))|: the removal re-encodes to no attribute (ours)
     masked_removal_weight: float = 0.0  # mask variant: W * |E_s(m G(E_c(x), 0, 0) + (1 - m) x)|, on the removal itself (ours)
     translated_own_weight: float = 0.0  # mask variant: W * |own E_s(translation)|, the content's attribute gone (ours)
+    translated_guide_weight: float = 0.0  # mask variant: W * |guide's E_s(translation) - s|, its attribute drawn (ours)
     common_noise: float = 0.0  # decode from E_c(x) + noise of this std relative to the code's RMS (ours; 0: off)
     neither_weight: float = 0.0  # W * L1(G(E_c(n), 0, 0), n) on faces n with neither attribute (ours; 0: off)
     neither_adversary: bool = False  # the latent adversary over three groups, A and B pushed towards neither (ours)
@@ -112,10 +113,11 @@ class TrainConfig:
             raise ValueError(f"masked_removal_weight must not be negative, not {self.masked_removal_weight}")
         if self.masked_removal_weight and self.variant != "mask":
             raise ValueError("masked_removal_weight charges a mask model's removal: it needs variant 'mask'")
-        if self.translated_own_weight < 0:
-            raise ValueError(f"translated_own_weight must not be negative, not {self.translated_own_weight}")
-        if self.translated_own_weight and self.variant != "mask":
-            raise ValueError("translated_own_weight charges a mask model's translations: it needs variant 'mask'")
+        for name in ("translated_own_weight", "translated_guide_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+            if getattr(self, name) and self.variant != "mask":
+                raise ValueError(f"{name} charges a mask model's translations: it needs variant 'mask'")
         if self.common_noise < 0:
             raise ValueError(f"common_noise must not be negative, not {self.common_noise}")
         if self.neither_weight < 0:
@@ -289,6 +291,7 @@ STRUCTURE_METRICS = ("structure_a", "structure_b")  # logged when structure_weig
 REMOVAL_METRICS = ("removal",)  # logged when removal_weight > 0
 MASKED_REMOVAL_METRICS = ("masked_removal",)  # logged when masked_removal_weight > 0
 TRANSLATED_OWN_METRICS = ("translated_own",)  # logged when translated_own_weight > 0
+TRANSLATED_GUIDE_METRICS = ("translated_guide",)  # logged when translated_guide_weight > 0
 NEITHER_METRICS = ("neither", "neither_zero")  # logged when neither_weight > 0
 
 
@@ -327,6 +330,9 @@ class Trainer:
         if cfg.translated_own_weight:
             self.metrics = self.metrics + TRANSLATED_OWN_METRICS
             self.weights |= {"translated_own": cfg.translated_own_weight}
+        if cfg.translated_guide_weight:
+            self.metrics = self.metrics + TRANSLATED_GUIDE_METRICS
+            self.weights |= {"translated_guide": cfg.translated_guide_weight}
         if cfg.neither_weight:
             # the attribute-free decode of faces without either attribute must give them back (with the structure
             # term when it is on), and both separate encoders must answer zero on them, as the zero term asks
@@ -370,6 +376,8 @@ class Trainer:
                 terms["masked_removal"] = self._removal_term(self._masked_removals(rgb, mask, a, b))
             if cfg.translated_own_weight:
                 terms["translated_own"] = self._translated_own_term(out.translated)
+            if cfg.translated_guide_weight:
+                terms["translated_guide"] = self._translated_guide_term(out.translated, codes_a.sep_a, codes_b.sep_b)
             if cfg.structure_weight:  # on the masked reconstructions, composited as in `_mask_terms`
                 recon_a = losses.composite(rgb[:n], mask[:n], rgb[2 * n : 3 * n])
                 recon_b = losses.composite(rgb[n : 2 * n], mask[n : 2 * n], rgb[3 * n : 4 * n])
@@ -446,6 +454,21 @@ class Trainer:
         own_a = self._read_detached(self.model.enc_a, translated[:n])
         own_b = self._read_detached(self.model.enc_b, translated[n:])
         return own_a.abs().mean() + own_b.abs().mean()
+
+    def _translated_guide_term(self, translated: torch.Tensor, sep_a: torch.Tensor, sep_b: torch.Tensor) -> torch.Tensor:
+        """|E_sB(t_a) - s_B| + |E_sA(t_b) - s_A| (means) on the pass's composited translations, read by detached
+        separate encoders; the targets, the guides' own codes, are detached too.
+
+        The mask paper's cycle loss asks the same of the re-encoded translation, but through encoders it also
+        trains: they learn to read the guide's code out of a faint drawing, and the cycle is met by a translation
+        whose mask barely opens (smile_glasses: small smiles pasted onto glasses faces stay nearly closed). Read by
+        encoders that only the reconstructions train, a translation carries the guide's code only when it draws the
+        attribute as strongly as the guide's own reconstruction does; the gradient reaches the decoder, its mask,
+        the common code and the separate code that drew the translation."""
+        n = translated.shape[0] // 2
+        guide_b = self._read_detached(self.model.enc_b, translated[:n])  # a's content with b's attribute
+        guide_a = self._read_detached(self.model.enc_a, translated[n:])
+        return (guide_b - sep_b.detach().float()).abs().mean() + (guide_a - sep_a.detach().float()).abs().mean()
 
     @staticmethod
     def _masked_removals(rgb: torch.Tensor, mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
