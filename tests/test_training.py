@@ -59,6 +59,19 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
         assert x["recon_a"] == pytest.approx(y["recon_a"], rel=1e-5)
 
 
+def test_resume_takes_the_new_learning_rate(tmp_path: Path) -> None:
+    """A resumed run given another --lr / --beta1 trains at them (Adam's moments kept), as its card records."""
+    out = tmp_path / "run"
+    assert main(_tiny(out, 2)) == 0
+    assert main(_tiny(out, 3, "--resume", "--lr", "0.00005", "--beta1", "0.7")) == 0
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    for key in ("opt_g", "opt_d"):
+        assert [g["lr"] for g in state[key]["param_groups"]] == [0.00005] * len(state[key]["param_groups"])
+        assert all(g["betas"][0] == 0.7 for g in state[key]["param_groups"])
+        assert state[key]["state"]  # the moments came along
+    assert read_card(out / "model.json")["training"]["config"]["lr"] == 0.00005
+
+
 def test_resume_without_state_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(_tiny(tmp_path / "none", 2, "--resume")) == 2
     assert "no train_state.pt" in capsys.readouterr().err

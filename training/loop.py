@@ -511,10 +511,15 @@ class Trainer:
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore nets and optimisers. The optimisers keep their moments but take this run's learning rate and
+        betas: Adam's own load_state_dict would restore the saved ones, and a resumed run given a new --lr would
+        silently train at the old rate while its card recorded the new one."""
         self.model.load_state_dict(state["model"])
         self.disc.load_state_dict(state["disc"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        for opt, key in ((self.opt_g, "opt_g"), (self.opt_d, "opt_d")):
+            opt.load_state_dict(state[key])
+            for group in opt.param_groups:
+                group["lr"], group["betas"] = self.cfg.lr, tuple(self.cfg.betas)
 
 
 def initialise_from(model: Disentangler, path: str | Path) -> dict[str, Any]:
