@@ -18,7 +18,9 @@
 # the mask covers all of it; 0 turns it off); the three mask models also take --mask-weight MASK_WEIGHT (0.3),
 # --neither-weight MASK_NEITHER (5) with --neither-adversary and --structure-weight MASK_STRUCTURE (3), the flags of
 # the bundled CPU mask models, with the cycle (and for beard_smile the translated-own) terms of their later CPU
-# stages. NOISE and NEITHER are --common-noise and --neither-weight for every run (default 0: off; see
+# stages. MASK_GUIDE is smile_glasses_mask's --translated-guide-weight (default 0: the bundled CPU model added it at
+# 10 only in its last stage, from a trained model, since the detached encoders it reads know nothing early on).
+# NOISE and NEITHER are --common-noise and --neither-weight for every run (default 0: off; see
 # docs/evaluation.md, why removal fails); NEITHER_ADV=1 adds --neither-adversary to every run (needs NEITHER > 0). The bundled plain checkpoints were all
 # fine-tuned on a CPU with NOISE=0.3 NEITHER=1 NEITHER_ADV=1 (smile_glasses' and beard_smile's last stages with
 # STRUCTURE=3).
@@ -67,7 +69,7 @@ declare -A FLAGS=(
     # the mask models with the terms of their later CPU stages on from the start (docs/evaluation.md): the code
     # cycle of the translations that add the smile or the beard at weight 1, and for beard_smile the content's own
     # attribute charged on its translations
-    [smile_glasses_mask]="--pair smile_glasses --variant mask $MASK_COMMON --cycle-weight-b 1"
+    [smile_glasses_mask]="--pair smile_glasses --variant mask $MASK_COMMON --cycle-weight-b 1 --translated-guide-weight ${MASK_GUIDE:-0}"
     [beard_smile_mask]="--pair beard_smile --variant mask $MASK_COMMON --cycle-weight-b 1 --translated-own-weight 10"
     [beard_glasses_mask]="--pair beard_glasses --variant mask $MASK_COMMON --cycle-weight-a 1 --cycle-weight-b 1"
     [ablation_no_zero]="--pair smile_glasses --adv-weight $ADV --zero-weight 0"
