@@ -44,6 +44,16 @@ def _tiny(out: Path, steps: int, *extra: str) -> list[str]:
             "--sample-every", "0", "--checkpoint-every", "0", "--out", str(out), "--no-progress", *extra]
 
 
+def test_size_overrides_reach_the_model(tmp_path: Path) -> None:
+    """--base-width, --sep-channels and --code-channels replace the preset's sizes, in the nets and in the card."""
+    out = tmp_path / "run"
+    assert main(_tiny(out, 1, "--base-width", "4", "--sep-channels", "3", "--code-channels", "24")) == 0
+    config = read_card(out / "model.json")["config"]
+    assert (config["base_width"], config["sep_channels"], config["code_channels"]) == (4, 3, 24)
+    model = load(out / "model")
+    assert model.enc_a.body[0][0].out_channels == 4 and model.config.common_channels == 18
+
+
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(_tiny(straight, 6)) == 0
