@@ -147,8 +147,7 @@ def build_source(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     from .loop import TrainConfig, train
 
-    overrides = {k: v for k, v in (("sep_channels", args.sep_channels), ("code_channels", args.code_channels),
-                                                    ("base_width", args.base_width)) if v is not None}
+    overrides = {k: getattr(args, k) for k in ("sep_channels", "code_channels", "base_width") if getattr(args, k) is not None}
     cfg = TrainConfig(
         out=str(args.out), steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, width=args.width, lr=args.lr,
         betas=(args.beta1, args.beta2), variant=args.variant, recon_weight=args.recon_weight,

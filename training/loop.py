@@ -105,23 +105,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.variant not in WEIGHT_DEFAULTS:
             raise ValueError(f"variant must be one of {sorted(WEIGHT_DEFAULTS)}, not {self.variant!r}")
-        if self.structure_weight < 0:
-            raise ValueError(f"structure_weight must not be negative, not {self.structure_weight}")
-        if self.removal_weight < 0:
-            raise ValueError(f"removal_weight must not be negative, not {self.removal_weight}")
-        if self.masked_removal_weight < 0:
-            raise ValueError(f"masked_removal_weight must not be negative, not {self.masked_removal_weight}")
-        if self.masked_removal_weight and self.variant != "mask":
-            raise ValueError("masked_removal_weight charges a mask model's removal: it needs variant 'mask'")
-        for name in ("translated_own_weight", "translated_guide_weight"):
+        for name in ("structure_weight", "removal_weight", "masked_removal_weight", "translated_own_weight",
+                     "translated_guide_weight", "common_noise", "neither_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+        # the terms of our own that only a mask model's pass computes, and what each charges there
+        for name, charged in (("masked_removal_weight", "removal"), ("translated_own_weight", "translations"),
+                              ("translated_guide_weight", "translations")):
             if getattr(self, name) and self.variant != "mask":
-                raise ValueError(f"{name} charges a mask model's translations: it needs variant 'mask'")
-        if self.common_noise < 0:
-            raise ValueError(f"common_noise must not be negative, not {self.common_noise}")
-        if self.neither_weight < 0:
-            raise ValueError(f"neither_weight must not be negative, not {self.neither_weight}")
+                raise ValueError(f"{name} charges a mask model's {charged}: it needs variant 'mask'")
         if self.neither_adversary and not self.neither_weight:
             raise ValueError("neither_adversary needs the faces of neither attribute that neither_weight > 0 brings")
         if self.disc_steps < 1:
