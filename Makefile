@@ -1,5 +1,7 @@
-# Two entry points for a newcomer: `make serve` (install, then serve the bundled weights on :8000)
-# and `make test` (install with the dev extras, then run the test suite). Both create .venv on first use.
+# Two entry points for a newcomer: `make serve` (install the service alone, then serve the bundled weights on :8000)
+# and `make test` (install with the dev extras, then run the test suite). Both create .venv on first use and share
+# it; each install leaves its own stamp (.venv/.installed-serve, .venv/.installed-dev), so switching between them
+# installs what the other lacks, and editing pyproject.toml reinstalls.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,18 +10,21 @@ PORT ?= 8000
 
 .PHONY: install serve test clean
 
-$(BIN)/did: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+
+# .installed-serve: the project with the `serve` extra; .installed-dev: with `dev` (serve + train + test tools).
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[$*]'
 	@touch $@
 
-install: $(BIN)/did
+install: $(VENV)/.installed-dev
 
-serve: install
-	$(BIN)/did serve --host $(HOST) --port $(PORT) --weights weights
+serve: $(VENV)/.installed-serve
+	$(BIN)/did-serve --host $(HOST) --port $(PORT) --weights weights
 
-test: install
+test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -1,7 +1,9 @@
-"""`did serve`: check and load every checkpoint, then serve them with uvicorn.
+"""`did serve` and `did-serve`: check and load every checkpoint, then serve them with uvicorn.
 
+`did-serve` (`main`) is the service's own command: it imports nothing of `training`, so it runs where only the
+`serve` extra is installed (the Docker image); `did serve` is the same through the project's `did` command line.
 The flags (`--host --port --workers --weights --device`) override the DID_* environment variables; every other
-setting is an environment variable only (app/settings.py, the README's table). A checkpoint that cannot be
+setting is an environment variable only (app/settings.py, docs/deploy.md's settings table). A checkpoint that cannot be
 loaded stops startup with one line, `did serve: error: FILE: REASON`, and exit status 2.
 """
 from __future__ import annotations
@@ -11,6 +13,8 @@ import copy
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import Sequence
 
 from pydantic import ValidationError
 
@@ -60,3 +64,27 @@ def serve(args: argparse.Namespace) -> int:
         # a worker imports torch and loads every model before it answers uvicorn's health check: give it time
         uvicorn.run("app.main:create_app", factory=True, workers=settings.workers, timeout_worker_healthcheck=60, **common)
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="did-serve", description="Serve every checkpoint of a weights directory over HTTP "
+                                "(other settings: DID_* variables).")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 8000)")
+    p.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
+    p.add_argument("--weights", type=Path, help="directory of checkpoints to load (default weights)")
+    p.add_argument("--device", help="auto (CUDA when present), cuda, cuda:N or cpu")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return serve(build_parser().parse_args(argv))
+    except KeyboardInterrupt:  # while the models load; once uvicorn runs, it handles Ctrl-C itself
+        print("did-serve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,8 @@
 """The one place where the service turns uploads into model input and model output into answers.
 
 Uploads: read in chunks up to a byte cap (413), opened with a fixed set of decoders, refused above a pixel cap
-before any pixel is decoded (decompression bombs: 413), EXIF orientation applied, first frame of animations, any
-mode made RGB and any size fitted to the model by `models.images`. Anything Pillow cannot decode is a 415.
+before any pixel is decoded (decompression bombs: 413), then decoded as training data is (`models.images.load_rgb`:
+first frame, EXIF orientation, RGB) and fitted to the model. Anything Pillow cannot decode is a 415.
 Outputs: PNG (default), JPEG, WebP, a JSON envelope with base64 PNG; strips and GIF/WebP animations for paths.
 
 Decoding and encoding are blocking Pillow calls; `load_images` and the `*_async` helpers run them in the event
@@ -20,9 +20,9 @@ from typing import Literal, Sequence
 
 import torch
 from fastapi import UploadFile
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
-from models.images import Fit, fit, grid, to_pil, to_tensor
+from models.images import Fit, fit, grid, load_rgb, to_pil, to_tensor
 
 from .errors import TooLarge, UnsupportedImage
 
@@ -76,12 +76,7 @@ def decode(data: bytes, field: str, size: int, mode: Fit = "crop", max_pixels: i
         raise UnsupportedImage(f"'{field}' has no pixels")
     try:
         img.draft(None, (size, size))  # JPEG: let the decoder scale down by 2/4/8 while it decodes
-        img.load()  # the first frame of an animation
-        try:
-            ImageOps.exif_transpose(img, in_place=True)
-        except Exception:  # malformed EXIF: keep the pixels as stored rather than refuse the image
-            pass
-        return to_tensor(fit(img, size, mode))
+        return to_tensor(fit(load_rgb(img), size, mode))
     except Image.DecompressionBombError as e:
         raise TooLarge(f"'{field}': {e}") from None
     except Exception as e:  # Pillow raises a zoo of types on malformed data; all of it is the client's file

@@ -12,7 +12,7 @@ import json
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -34,16 +34,27 @@ def resolve_device(name: str) -> torch.device:
     without CUDA is refused here, with the flag's value, rather than at the first tensor moved there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CheckpointError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CheckpointError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CheckpointError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"--device {name}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CheckpointError(f"--device {name}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                                  f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    return device
 
 
-def paths(path: str | Path) -> tuple[Path, Path]:
-    """(card, tensors) for 'DIR/NAME', 'DIR/NAME.json', 'DIR/NAME.safetensors' or a run directory holding model.json."""
+def paths(path: str | Path, default: str = "model") -> tuple[Path, Path]:
+    """(card, tensors) for 'DIR/NAME', 'DIR/NAME.json', 'DIR/NAME.safetensors' or a directory holding `default`.json."""
     p = Path(path)
     if p.is_dir():
-        p = p / "model"
+        p = p / default
     if p.suffix in (".json", ".safetensors"):
         p = p.with_suffix("")
     return p.with_name(p.name + ".json"), p.with_name(p.name + ".safetensors")
@@ -127,27 +138,36 @@ def save(
     return card_path
 
 
-def read_card(path: str | Path) -> dict[str, Any]:
-    """The model card, checked for format and required fields (tensors are not read)."""
+def read_card(path: str | Path, fmt: str = FORMAT, what: str = "model card") -> dict[str, Any]:
+    """The card of format `fmt`, checked for its required sections (tensors are not read); errors call it `what`."""
     card_path, _ = paths(path)
     if not card_path.is_file():
-        raise CheckpointError(f"{card_path}: model card not found")
+        raise CheckpointError(f"{card_path}: {what} not found")
     try:
         card = json.loads(card_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{card_path}: model card is not valid JSON ({e})") from None
-    if not isinstance(card, dict) or card.get("format") != FORMAT:
-        raise CheckpointError(f"{card_path}: not a {FORMAT} model card (format={card.get('format') if isinstance(card, dict) else None!r})")
+        raise CheckpointError(f"{card_path}: {what} is not valid JSON ({e})") from None
+    if not isinstance(card, dict) or card.get("format") != fmt:
+        raise CheckpointError(f"{card_path}: not a {fmt} {what} (format={card.get('format') if isinstance(card, dict) else None!r})")
     for key in ("config", "tensors"):
         if not isinstance(card.get(key), dict):
-            raise CheckpointError(f"{card_path}: model card has no '{key}' section")
+            raise CheckpointError(f"{card_path}: {what} has no '{key}' section")
     return card
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Disentangler:
-    """Rebuild the model from its card and load its tensors, in eval mode on `device`; `model.card` holds the card."""
+class Stored(NamedTuple):
+    """A card and its tensors as read from disk, after the sha256 check."""
+
+    card: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    file: Path  # the tensor file, named in errors
+
+
+def read_checkpoint(path: str | Path, fmt: str = FORMAT, what: str = "model card") -> Stored:
+    """The card of format `fmt` at `path` and its tensors, read only once their file's sha256 matches the card's
+    pin; models and the judge both load through here."""
     card_path, _ = paths(path)
-    card = read_card(card_path)
+    card = read_card(card_path, fmt, what)
     tensor_path = card_path.parent / card["tensors"].get("file", card_path.stem + ".safetensors")
     if not tensor_path.is_file():
         raise CheckpointError(f"{card_path}: tensor file {tensor_path.name} not found")
@@ -158,16 +178,18 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             "(the tensor file was changed or belongs to another card)"
         )
     try:
-        config = ModelConfig.from_dict(card["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{card_path}: invalid model config ({e})") from None
-    model = Disentangler(config)
-    expected = model.state_dict()
-    try:
         with safe_open(str(tensor_path), framework="pt") as f:
             stored = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise CheckpointError(f"{tensor_path}: not a readable safetensors file ({e})") from None
+    return Stored(card, stored, tensor_path)
+
+
+def load_state(module: torch.nn.Module, stored: Stored) -> None:
+    """Load the stored tensors into `module`, cast to its dtypes, after checking every name and shape: a mismatch is
+    a CheckpointError naming the tensor file and the first few differences."""
+    tensor_path, stored = stored.file, stored.tensors
+    expected = module.state_dict()
     problems = [f"missing {k}" for k in expected if k not in stored]
     problems += [f"unexpected {k}" for k in stored if k not in expected]
     problems += [
@@ -178,6 +200,18 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(f"{tensor_path}: tensors do not match the card's config: {'; '.join(problems[:5])}{more}")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in stored.items()})
-    model.card = card
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in stored.items()})
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Disentangler:
+    """Rebuild the model from its card and load its tensors, in eval mode on `device`; `model.card` holds the card."""
+    card_path, _ = paths(path)
+    stored = read_checkpoint(card_path)
+    try:
+        config = ModelConfig.from_dict(stored.card["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{card_path}: invalid model config ({e})") from None
+    model = Disentangler(config)
+    load_state(model, stored)
+    model.card = stored.card
     return model.to(device=device, dtype=dtype).eval()

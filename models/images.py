@@ -1,8 +1,8 @@
 """Conversions between Pillow images and the tensors the networks read and write.
 
 Everything that turns pixels into model input lives here, so training data, the service's uploads and the
-evaluation all normalise images the same way: RGB, the model's square resolution, values in [-1, 1].
-The service adds its own guards (byte and pixel caps, EXIF) in `app/imaging.py` on top of these functions.
+evaluation all normalise images the same way: decoded upright by `load_rgb`, RGB, the model's square resolution,
+values in [-1, 1]. The service adds its own guards (byte and pixel caps, allowed formats) in `app/imaging.py`.
 """
 from __future__ import annotations
 
@@ -39,6 +39,21 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
     return img.convert("RGB")
+
+
+def load_rgb(img: Image.Image) -> Image.Image:
+    """An opened image decoded as it is meant to be seen: its first frame, turned upright by its EXIF orientation,
+    as 8-bit RGB. Training files and the service's uploads both come through here, so a photo looks the same to both.
+
+    Malformed EXIF keeps the pixels as stored rather than failing a good image. The caller opens the file (the
+    service checks its caps on the header first) and closes it after using the result, which may be `img` itself.
+    """
+    img.load()  # decode now: a truncated file fails here; an animation stays at its first frame
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # noqa: BLE001 - malformed EXIF raises many types, and the pixels are still good
+        pass
+    return to_rgb(img)
 
 
 def center_crop(img: Image.Image, side: int) -> Image.Image:

@@ -10,8 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from app import imaging
+from models import images
 from models.images import fit, to_tensor
 from tests.celeba_fixture import PAIRS, make_celeba
+from tests.conftest import draw_face
 from training.data import (
     CELEBA_PAIRS,
     CelebAPairs,
@@ -19,6 +22,7 @@ from training.data import (
     PairSource,
     StepSampler,
     celeba_split,
+    load_image,
     read_attributes,
 )
 
@@ -228,3 +232,39 @@ def test_celeba_center_crop_178(tmp_path, size):
     src = CelebAPairs(tmp_path, "smile_glasses", image_size=S)
     x = src.image(0, 0)
     assert x.shape == (3, S, S) and not _has_red(x)
+
+
+# --- decoding: one loader for training and serving ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_reaches_training_as_the_service_decodes_it(tmp_path, fmt):
+    """A photo stored landscape with Orientation 6 (display rotated 90 degrees clockwise) trains upright, with the
+    very pixels the service decodes from the same bytes."""
+    face = draw_face(1, (96, 64))  # under twice S on each side, so the service's JPEG draft mode does not scale
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged, upright, plain = (tmp_path / f"{name}.{fmt.lower()}" for name in ("tagged", "upright", "plain"))
+    face.save(tagged, fmt, exif=exif)
+    face.transpose(Image.Transpose.ROTATE_270).save(upright, fmt)
+    face.save(plain, fmt)
+    for mode in ("crop", "pad"):
+        x = to_tensor(load_image(tagged, S, mode))
+        assert torch.equal(x, imaging.decode(tagged.read_bytes(), "x", S, mode)), mode
+    x, up, flat = (to_tensor(load_image(p, S, "pad")) for p in (tagged, upright, plain))
+    if fmt == "PNG":
+        assert torch.equal(x, up)
+    assert (x - up).abs().mean() < 0.05 < (x - flat).abs().mean()  # JPEG: its blocks fall elsewhere once rotated
+
+
+def test_malformed_exif_keeps_the_stored_pixels(tmp_path, monkeypatch):
+    path = tmp_path / "face.png"
+    draw_face(2, (96, 64)).save(path)
+    expected = to_tensor(load_image(path, S, "pad"))
+
+    def broken(*args, **kwargs):
+        raise SyntaxError("bad EXIF")
+
+    monkeypatch.setattr(images.ImageOps, "exif_transpose", broken)
+    assert torch.equal(to_tensor(load_image(path, S, "pad")), expected)
+    assert torch.equal(imaging.decode(path.read_bytes(), "x", S, "pad"), expected)

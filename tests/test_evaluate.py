@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import models
-from models import Disentangler, preset
+from models import Disentangler, checkpoint, preset
 from training import judge as judge_mod
 from training import metrics
 from training.cli import main as did
@@ -122,6 +124,41 @@ def _tiny_model(tmp: Path, variant: str = "plain") -> Path:
 def judge_for_eval(tmp_path_factory: pytest.TempPathFactory) -> Path:
     judge = judge_mod.train_judge(steps=2, batch=8, progress=False)
     return judge_mod.save(judge, tmp_path_factory.mktemp("judge_eval") / "judge", training={"steps": 2}, metrics={})
+
+
+def test_judge_with_altered_tensors_is_refused(tmp_path: Path, judge_for_eval: Path):
+    """Readable tensors that are not the card's fail its sha256 pin; tensors that match a changed pin but not the
+    card's config fail the shape check. Both name the tensor file."""
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(judge_for_eval.with_suffix(suffix), tmp_path / f"judge{suffix}")
+    card_path, tensors = tmp_path / "judge.json", tmp_path / "judge.safetensors"
+    state = load_file(str(tensors))
+    state["head.bias"] = state["head.bias"] + 1
+    save_file(state, str(tensors))
+    with pytest.raises(models.CheckpointError, match="sha256") as refused:
+        judge_mod.load(tmp_path)
+    assert str(tensors) in str(refused.value)
+    state["head.bias"] = state["head.bias"][:2]
+    save_file(state, str(tensors))
+    card = json.loads(card_path.read_text())
+    card["tensors"]["sha256"] = checkpoint.sha256(tensors)
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(models.CheckpointError, match="head.bias has shape") as refused:
+        judge_mod.load(card_path)
+    assert str(tensors) in str(refused.value)
+
+
+def test_bundled_judge_loads_as_stored():
+    weights = Path(__file__).resolve().parent.parent / "weights" / "judge"
+    judge = judge_mod.load(weights)
+    assert judge.card["format"] == judge_mod.FORMAT
+    assert judge.card["tensors"]["sha256"] == checkpoint.sha256(weights / "judge.safetensors")
+    stored = load_file(str(weights / "judge.safetensors"))
+    assert all(torch.equal(v, stored[k]) for k, v in judge.state_dict().items()) and judge.state_dict().keys() == stored.keys()
+    with pytest.raises(models.CheckpointError, match="not a did-checkpoint/1 model card"):
+        models.load(weights / "judge.json")  # a judge is not an editing model, and the other way round
+    with pytest.raises(models.CheckpointError, match="not a did-judge/1 judge card"):
+        judge_mod.load(weights.parent / "smile_glasses")
 
 
 def test_did_eval_writes_every_key(tmp_path: Path, judge_for_eval: Path, capsys: pytest.CaptureFixture):

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from models.images import Fit, center_crop, fit as fit_image, to_tensor
+from models.images import Fit, center_crop, fit as fit_image, load_rgb, to_tensor
 
 log = logging.getLogger("did.data")
 
@@ -102,12 +102,13 @@ class StepSampler:
 
 
 def load_image(path: str | Path, size: int, fit: Fit = "crop", pre_crop: int | None = None) -> Image.Image:
-    """Open, fully decode and preprocess one file to a `size` x `size` RGB image; raises if the file is broken.
+    """Open, decode as the service does (`models.images.load_rgb`: first frame, EXIF orientation, RGB) and
+    preprocess one file to a `size` x `size` RGB image; raises if the file is broken.
 
     `pre_crop` takes the central square of that side first (CelebA's 178), then `fit` squares and resizes.
     """
     with Image.open(path) as img:
-        img.load()  # decode now, inside the `with`: a truncated file fails here, not later
+        img = load_rgb(img)  # decoded inside the `with`, which closes the file (and invalidates `img`) on leaving
         if pre_crop:
             img = center_crop(img, pre_crop)
         return fit_image(img, size, fit)

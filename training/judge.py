@@ -23,11 +23,11 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from models.checkpoint import CheckpointError, sha256, versions, write_card, write_tensors
+from models import checkpoint
+from models.checkpoint import CheckpointError
 from models.images import to_tensor
 
 from . import synthetic
@@ -226,55 +226,38 @@ def train_judge(steps: int = 1500, batch: int = 128, image_sizes: tuple[int, ...
 
 def save(judge: Judge, path: str | Path, *, training: dict[str, Any], metrics: dict[str, Any]) -> Path:
     """`PATH.safetensors` (fp32: the judge is small) and the card `PATH.json`; returns the card's path."""
-    base = Path(path).with_suffix("") if Path(path).suffix in (".json", ".safetensors") else Path(path)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    tensors, card_path = base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
-    write_tensors({k: v.detach().cpu().contiguous() for k, v in judge.state_dict().items()}, tensors, FORMAT)
+    card_path, tensors = checkpoint.paths(path, "judge")
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_tensors({k: v.detach().cpu().contiguous() for k, v in judge.state_dict().items()}, tensors, FORMAT)
     card = {
         "format": FORMAT,
-        "name": base.name,
+        "name": card_path.stem,
         "config": {k: list(v) for k, v in asdict(judge.config).items()},
         "input_size": INPUT_SIZE,
-        "tensors": {"file": tensors.name, "sha256": sha256(tensors), "dtype": "float32",
+        "tensors": {"file": tensors.name, "sha256": checkpoint.sha256(tensors), "dtype": "float32",
                     "parameters": sum(p.numel() for p in judge.parameters()), "bytes": tensors.stat().st_size},
         "training": training,
         "metrics": metrics,
-        "versions": versions(),
+        "versions": checkpoint.versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_card(card, card_path)
+    checkpoint.write_card(card, card_path)
     return card_path
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Judge:
     """The judge from `PATH` (.json/.safetensors or a directory holding judge.json), checked against its card."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "judge"
-    base = p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
-    card_path = base.with_name(base.name + ".json")
+    card_path, _ = checkpoint.paths(path, "judge")
     if not card_path.is_file():
         raise CheckpointError(f"{card_path}: judge card not found (train one with `did judge train`)")
+    stored = checkpoint.read_checkpoint(card_path, FORMAT, "judge card")
     try:
-        card = json.loads(card_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{card_path}: judge card is not valid JSON ({e})") from None
-    if card.get("format") != FORMAT:
-        raise CheckpointError(f"{card_path}: not a {FORMAT} card (format={card.get('format')!r})")
-    tensors = card_path.parent / card["tensors"]["file"]
-    if not tensors.is_file():
-        raise CheckpointError(f"{card_path}: tensor file {tensors.name} not found")
-    if sha256(tensors) != card["tensors"]["sha256"]:
-        raise CheckpointError(f"{tensors}: sha256 does not match the judge card")
-    config = JudgeConfig(**{k: tuple(v) for k, v in card["config"].items()})
+        config = JudgeConfig(**{k: tuple(v) for k, v in stored.card["config"].items()})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{card_path}: invalid judge config ({e})") from None
     judge = Judge(config)
-    with safe_open(str(tensors), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    try:
-        judge.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{tensors}: tensors do not match the judge card ({e})") from None
-    judge.card = card
+    checkpoint.load_state(judge, stored)
+    judge.card = stored.card
     return judge.to(device).eval()
 
 
