@@ -14,7 +14,8 @@ import torch
 
 from models import resolve_device
 from models.config import preset
-from training.loop import Trainer, TrainConfig
+from training import recipes
+from training.loop import Trainer
 from training.markdown import table
 
 from .report import sync, write_section
@@ -24,8 +25,8 @@ PUBLISHED_H100_IMAGES_PER_S = 1407.0
 
 
 def measure(width: str, size: int, batch: int, device: torch.device, steps: int, amp: bool) -> dict[str, float]:
-    cfg = TrainConfig(width=width, batch_size=batch, amp=amp)
-    trainer = Trainer(cfg, preset(width, image_size=size), device)
+    # the published objective (the `paper` recipe's stage)
+    trainer = Trainer(recipes.load("paper").stages[0].weights, preset(width, image_size=size), device, amp=amp)
     g = torch.Generator(device="cpu").manual_seed(0)
     a = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)
     b = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)

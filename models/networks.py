@@ -76,9 +76,7 @@ class LatentDiscriminator(nn.Module):
     """Common code (N, common, 2, 2) -> logit (N,) that the code came from domain a (training only).
 
     Plain linear layers, as in the published code, with no spectral norm: a Lipschitz-bounded discriminator cannot
-    see an attribute that the common code carries in small differences the decoder still reads, and the run with
-    one kept the glasses of 54% of faces through removal where this one keeps 27% after the same 1,500 steps
-    (docs/evaluation.md, ablation).
+    see an attribute that the common code carries in small differences the decoder still reads (docs/research.md).
     """
 
     def __init__(self, config: ModelConfig, groups: int = 2):

@@ -56,16 +56,6 @@ def test_three_group_discriminator_and_the_pull_towards_neither() -> None:
     assert math.isclose(losses.adversarial_towards(logits[:2], 2).item(), g, rel_tol=1e-6)
 
 
-def test_generator_terms_pick_the_right_codes() -> None:
-    z = torch.zeros(1, 1, 2, 2)
-    codes_a = Codes(z, z + 5, z + 2)  # sep_b of an a image: 2
-    codes_b = Codes(z, z + 3, z + 7)  # sep_a of a b image: 3
-    a = torch.ones(1, 3, 4, 4)
-    terms = losses.generator_terms(codes_a, codes_b, a * 0.5, a * 0, a, a)
-    assert terms["zero"].item() == 5.0
-    assert terms["recon_a"].item() == 0.5 and terms["recon_b"].item() == 1.0
-
-
 def test_mask_variant_terms() -> None:
     rgb = torch.full((1, 3, 2, 2), 1.0)
     base = torch.full((1, 3, 2, 2), -1.0)

@@ -12,165 +12,107 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from models.config import PRESETS, VARIANTS
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    """NAME=VALUE arguments of a repeatable flag, as a dict."""
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{flag} takes NAME=VALUE, not {item!r}")
+        out[name.strip()] = value.strip()
+    return out
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of `did train` (and `python -m training`)."""
-    from .loop import WEIGHT_DEFAULTS, TrainConfig
+    """The flags of `did train` (and `python -m training`): the recipe, its data, overrides and how to run it. The
+    data flags are the fields of `recipes.Data`, the run flags those of `recipes.RunOptions`."""
+    import dataclasses
 
-    d = TrainConfig()
-    data = p.add_argument_group("data")
-    data.add_argument("--data", choices=("synthetic", "celeba", "folders"), default="synthetic",
-                      help="synthetic face benchmark (default), CelebA, or two image folders")
-    data.add_argument("--pair", default="smile_glasses", help="domain pair for synthetic/celeba: smile_glasses, beard_smile, beard_glasses")
-    data.add_argument("--root", type=Path, help="CelebA root (img_align_celeba/, list_attr_celeba.txt)")
-    data.add_argument("--split", default="train", choices=("train", "val", "test", "all"), help="CelebA partition (default train)")
-    data.add_argument("--a", type=Path, help="folder of domain-a images (--data folders)")
-    data.add_argument("--b", type=Path, help="folder of domain-b images (--data folders)")
-    data.add_argument("--image-size", type=int, default=128, help="power of two from 64 to 256 (default 128)")
-    data.add_argument("--num-workers", type=int, default=d.num_workers, help="image-decoding workers for file data")
+    from .recipes import Data, RunOptions
 
-    model = p.add_argument_group("model")
-    model.add_argument("--width", choices=sorted(PRESETS), default=d.width, help="network widths (default: the published 'paper')")
-    model.add_argument("--sep-channels", type=int, help="override: channels of each separate code")
-    model.add_argument("--code-channels", type=int, help="override: channels of the whole code map")
-    model.add_argument("--base-width", type=int,
-                       help="override: channels of the first encoder layer (halving it at 128 px keeps a 64 px preset's "
-                            "parameter count, as every later layer keeps its width)")
-    model.add_argument("--variant", choices=VARIANTS, default=d.variant,
-                       help="plain (Benaim et al. 2019, default) or mask (Mokady et al. 2020: the decoder also predicts "
-                            "the attribute's mask and edits change only the pixels inside it). Switches every loss weight "
-                            "left unset to that paper's defaults")
-
-    w = {k: WEIGHT_DEFAULTS[k] for k in ("plain", "mask")}
-
-    def by_variant(name: str) -> str:
-        if not w["plain"][name]:  # a term of the mask variant alone
-            return f"default {w['mask'][name]:g}"
-        return f"default: {w['plain'][name]:g} plain, {w['mask'][name]:g} mask"
-
-    opt = p.add_argument_group("optimisation (published defaults)",
-                               "Loss weights not given take the defaults of --variant: the published values of its paper.")
-    opt.add_argument("--steps", type=int, default=d.steps)
-    opt.add_argument("--max-minutes", type=float, default=d.max_minutes,
-                     help="stop and save after this many minutes of training even before --steps (0: no limit)")
-    opt.add_argument("--batch-size", type=int, default=d.batch_size, help="images per domain per process")
-    opt.add_argument("--lr", type=float, default=d.lr)
-    opt.add_argument("--beta1", type=float, default=d.betas[0])
-    opt.add_argument("--beta2", type=float, default=d.betas[1])
-    opt.add_argument("--recon-weight", type=float,
-                     help=f"reconstruction of domain a (plain: of both unless --recon-weight-b); {by_variant('recon_weight')}")
-    opt.add_argument("--recon-weight-b", type=float,
-                     help="reconstruction of domain b; default: --recon-weight plain, "
-                          f"{w['mask']['recon_weight_b']:g} mask")
-    opt.add_argument("--zero-weight", type=float, default=d.zero_weight)
-    opt.add_argument("--adv-weight", type=float, help=f"common-space adversary; {by_variant('adv_weight')}")
-    opt.add_argument("--mask-recon-weight", type=float,
-                     help=f"mask variant: the attribute decoder drawn through its mask over the real image, each domain; {by_variant('mask_recon_weight')}")
-    opt.add_argument("--cycle-weight-a", type=float,
-                     help=f"mask variant: code cycle of a's images given b's attribute; {by_variant('cycle_weight_a')}")
-    opt.add_argument("--cycle-weight-b", type=float,
-                     help=f"mask variant: code cycle of b's images given a's attribute; {by_variant('cycle_weight_b')}")
-    opt.add_argument("--mask-weight", type=float,
-                     help=f"mask variant: extra sparsity, the mean of the masks; {by_variant('mask_weight')}")
-    opt.add_argument("--structure-weight", type=float, default=d.structure_weight,
-                     help="add W * (1 - SSIM) to each reconstruction (not in the papers; default 0: L1 only); "
-                          "makes thin features such as a mouth learnable early")
-    opt.add_argument("--removal-weight", type=float, default=d.removal_weight,
-                     help="add W * |E_s(G(E_c(x), 0, 0))|, the separate encoders' answer on the attribute-free "
-                          "decode (not in the papers; default 0); charges what the common code leaks into it")
-    opt.add_argument("--masked-removal-weight", type=float, default=d.masked_removal_weight,
-                     help="mask variant: add W * |E_s(m G(E_c(x), 0, 0) + (1 - m) x)|, the separate encoders' "
-                          "answer on the removal drawn through the image's own mask (not in the papers; default 0); "
-                          "charges the attribute a mask leaves uncovered")
-    opt.add_argument("--translated-own-weight", type=float, default=d.translated_own_weight,
-                     help="mask variant: add W * |E_sA(t_a)| + |E_sB(t_b)| on the translations, the content's own "
-                          "attribute read by its separate encoder (not in the papers; default 0); charges an "
-                          "attribute the common code draws back under the other attribute's mask")
-    opt.add_argument("--translated-guide-weight", type=float, default=d.translated_guide_weight,
-                     help="mask variant: add W * |E_sB(t_a) - s_B| + |E_sA(t_b) - s_A| on the translations, the guide's "
-                          "attribute read back by detached separate encoders (not in the papers; default 0); charges "
-                          "a translation that draws the guide's attribute too faintly to carry its code")
-    opt.add_argument("--common-noise", type=float, default=d.common_noise,
-                     help="train the decoder on E_c(x) plus Gaussian noise of this std relative to the code's RMS "
-                          "(not in the papers; default 0): a bottleneck that keeps attributes out of the common code")
-    opt.add_argument("--neither-weight", type=float, default=d.neither_weight,
-                     help="add W * L1(G(E_c(n), 0, 0), n) for faces n with neither attribute, and the zero term on "
-                          "them (synthetic data; not in the papers; default 0): trains the attribute-free decode that "
-                          "removal uses and training otherwise never sees")
-    opt.add_argument("--neither-adversary", action="store_true",
-                     help="with --neither-weight: the latent discriminator tells A, B and the neither faces apart, "
-                          "and the encoders push A's and B's common codes towards the neither group (not in the papers)")
-    opt.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip for both nets")
-    opt.add_argument("--disc-steps", type=int, default=d.disc_steps,
-                     help="latent-discriminator updates per generator update (default 1, as published)")
-    opt.add_argument("--seed", type=int, default=d.seed)
-    opt.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA instead of bf16 autocast")
-
-    run = p.add_argument_group("run")
-    run.add_argument("--out", type=Path, required=True, help="run directory (checkpoint, log.jsonl, samples/, train_state.pt)")
+    p.add_argument("--recipe", help="training/recipes/NAME.toml or a path to a .toml file (`did recipes` lists them; "
+                                    "default: the pair's shipped recipe, `paper` for celeba, `folders` for folders)")
+    p.add_argument("--out", type=Path, required=True, help="run directory; re-run the same command to continue a run")
+    data = p.add_argument_group("data (overrides the recipe's [data])")
+    for f in dataclasses.fields(Data):
+        flag = "--data" if f.name == "source" else f"--{f.name.replace('_', '-')}"
+        kind = int if f.type in ("int", int) else str
+        data.add_argument(flag, dest=f"data_{f.name}", type=kind, help=f.metadata["help"])
+    over = p.add_argument_group("overrides (recorded in the card)")
+    over.add_argument("--weight", action="append", default=[], metavar="TERM=W",
+                      help="a loss term's weight in every stage it applies to; repeatable (`did terms` lists them)")
+    over.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a recipe or stage setting (lr, batch_size, steps, common_noise, width, seed, save_dtype, ...)"
+                           " in every stage; repeatable")
+    over.add_argument("--stage-steps", type=int, metavar="N", help="every stage runs N steps only (smoke tests)")
+    run = p.add_argument_group("run (not recorded: they do not change the weights)")
+    d = RunOptions()
     run.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda or cuda:N")
-    run.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
-    run.add_argument("--freeze-encoders", action="store_true",
-                     help="train the decoder alone, on the codes of the starting (--init) checkpoint's encoders")
-    run.add_argument("--init", metavar="CHECKPOINT", default="",
-                     help="start from this checkpoint's weights (fine-tuning; a plain checkpoint can start a mask model "
-                          "of the same sizes, which then learns only its mask channel from scratch)")
-    run.add_argument("--log-every", type=int, default=d.log_every)
-    run.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids (0: only at the end)")
-    run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints (0: only at the end)")
-    run.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), default=d.save_dtype,
-                     help="dtype of the inference checkpoint's tensors (training state stays fp32)")
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (log.jsonl is still written)")
-
-
-def build_source(args: argparse.Namespace):
-    """The data source the flags name."""
-    if args.data == "synthetic":
-        from .synthetic import SyntheticPairs
-
-        return SyntheticPairs(args.pair, image_size=args.image_size)
-    if args.data == "celeba":
-        if args.root is None:
-            raise ValueError("--data celeba needs --root (the folder holding img_align_celeba/ and list_attr_celeba.txt)")
-        from .data import CelebAPairs
-
-        return CelebAPairs(args.root, args.pair, image_size=args.image_size, split=args.split)
-    if args.a is None or args.b is None:
-        raise ValueError("--data folders needs --a DIR_A and --b DIR_B")
-    from .data import ImageFolderPairs
-
-    return ImageFolderPairs(args.a, args.b, image_size=args.image_size)
+    run.add_argument("--max-minutes", type=float, default=d.max_minutes,
+                     help="stop and save after this many minutes (0: no limit); re-run to continue")
+    run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    run.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids (0: at stage ends)")
+    run.add_argument("--log-every", type=int, default=d.log_every, help="steps between log.jsonl lines")
+    run.add_argument("--num-workers", type=int, default=d.num_workers, help="image-decoding workers for file data")
+    run.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA instead of bf16 autocast")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .loop import TrainConfig, train
+    import dataclasses
 
-    overrides = {k: getattr(args, k) for k in ("sep_channels", "code_channels", "base_width") if getattr(args, k) is not None}
-    cfg = TrainConfig(
-        out=str(args.out), steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, width=args.width, lr=args.lr,
-        betas=(args.beta1, args.beta2), variant=args.variant, recon_weight=args.recon_weight,
-        recon_weight_b=args.recon_weight_b, zero_weight=args.zero_weight, adv_weight=args.adv_weight,
-        mask_recon_weight=args.mask_recon_weight, cycle_weight_a=args.cycle_weight_a, cycle_weight_b=args.cycle_weight_b,
-        mask_weight=args.mask_weight, structure_weight=args.structure_weight, removal_weight=args.removal_weight,
-        masked_removal_weight=args.masked_removal_weight, translated_own_weight=args.translated_own_weight,
-        translated_guide_weight=args.translated_guide_weight,
-        common_noise=args.common_noise, neither_weight=args.neither_weight, neither_adversary=args.neither_adversary,
-        clip=args.clip, disc_steps=args.disc_steps,
-        seed=args.seed, device=args.device, amp=args.amp,
-        log_every=args.log_every, sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
-        save_dtype=args.save_dtype, num_workers=args.num_workers, resume=args.resume, init=args.init, freeze_encoders=args.freeze_encoders, progress=args.progress,
-        model_overrides=overrides,
-    )
-    if cfg.freeze_encoders and not (cfg.init or cfg.resume):
-        raise ValueError("--freeze-encoders needs --init CHECKPOINT: frozen encoders of a fresh model give random codes")
-    for name in ("steps", "batch_size", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    card = train(cfg, build_source(args))
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes, so only it reports
-        logging.getLogger("did").info("wrote %s", card)
+    from . import recipes
+    from .recipes import RunOptions
+
+    data = {f.name: getattr(args, f"data_{f.name}") for f in dataclasses.fields(recipes.Data)}
+    data = {k: (str(v) if k in ("root", "a", "b") else v) for k, v in data.items() if v is not None}
+    name = args.recipe or recipes.default_for(recipes.Data(**{k: v for k, v in data.items() if k in ("source", "pair")}))
+    weights = {}
+    for term, value in _pairs(args.weight, "--weight").items():
+        try:
+            weights[term] = float(value)
+        except ValueError:
+            raise ValueError(f"--weight {term}={value}: the weight must be a number") from None
+    recipe, record = recipes.override(recipes.load(name), weights=weights, settings=_pairs(args.set, "--set"),
+                                      data=data, stage_steps=args.stage_steps)
+    for key in ("log_every", "checkpoint_every", "sample_every"):
+        if getattr(args, key) < (1 if key == "log_every" else 0):
+            raise ValueError(f"--{key.replace('_', '-')} must be at least {1 if key == 'log_every' else 0}")
+    opts = RunOptions(device=args.device, amp=args.amp, log_every=args.log_every, sample_every=args.sample_every,
+                      checkpoint_every=args.checkpoint_every, num_workers=args.num_workers, progress=args.progress,
+                      max_minutes=args.max_minutes)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    if main_rank:
+        logging.getLogger("did").info("recipe %s: %d stage(s), %d steps -> %s", recipe.name, len(recipe.stages),
+                                      recipe.total_steps, args.out)
+    card = recipes.run(recipe, args.out, opts, record)
+    if main_rank:
+        if card is None:
+            print(f"stopped by --max-minutes; run the same command again to continue {args.out}")
+        else:
+            logging.getLogger("did").info("wrote %s", card)
+    return 0
+
+
+def run_recipes(args: argparse.Namespace) -> int:
+    from . import recipes
+
+    for row in recipes.listing(args.weights):
+        m = row["measured"]
+        wall = f"{m['minutes']:.0f} min on {m['device']} ({m['checkpoint']})" if m else "not measured"
+        print(f"{row['name']:<20} {row['data']:<30} {row['variant']:<6} {row['stages']} stage(s) "
+              f"{row['steps']:>7,} steps  {wall}")
+    return 0
+
+
+def run_terms(args: argparse.Namespace) -> int:
+    from .terms import TERMS
+
+    for t in TERMS.values():
+        where = "/".join(t.variants)
+        print(f"{t.name:<20} {where:<10} {t.paper or 'ours':<19} {t.formula}")
     return 0
 
 
@@ -263,9 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="did", description="Domain intersection and domain difference: train, preview data, serve.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model (same flags as `python -m training`, which torchrun launches)")
+    t = sub.add_parser("train", help="train a recipe's stages (same flags as `python -m training`, which torchrun launches)",
+                       description="Train every stage of a recipe (training/recipes/) in order into --out.")
     add_train_arguments(t)
     t.set_defaults(func=run_train)
+
+    rc = sub.add_parser("recipes", help="list the training recipes: data, variant, stages, steps, measured wall time")
+    rc.add_argument("--weights", type=Path, default=Path("weights"), help="where to look for the checkpoints that "
+                                                                          "measured each recipe (default weights)")
+    rc.set_defaults(func=run_recipes)
+    tm = sub.add_parser("terms", help="list the loss terms a recipe can weight: variants, paper, formula")
+    tm.set_defaults(func=run_terms)
 
     data = sub.add_parser("data", help="look at training data").add_subparsers(dest="data_command", required=True)
     pv = data.add_parser("preview", help="render synthetic benchmark samples into one PNG grid")
@@ -307,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     jt = jd.add_parser("train", help="train the judge on labelled synthetic renders (or CelebA) and record its test accuracy")
     jt.add_argument("--data", choices=("synthetic", "celeba"), default="synthetic")
     jt.add_argument("--root", type=Path, help="CelebA root (--data celeba): trains on its train split, tests on its test split")
-    jt.add_argument("--out", type=Path, default=Path("weights/judge/judge"), help="checkpoint path (NAME.json + NAME.safetensors)")
+    jt.add_argument("--out", type=Path, required=True,
+                    help="checkpoint path (NAME.json + NAME.safetensors); the bundled weights/judge/judge is pinned by "
+                         "sha256 in every evaluation, so write a new judge elsewhere")
     jt.add_argument("--steps", type=int, default=1500)
     jt.add_argument("--batch-size", type=int, default=128)
     jt.add_argument("--test-n", type=int, default=2000, help="clean test renders per size for the reported accuracy")
@@ -337,9 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # user mistakes: one line, no traceback
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"did: error: {msg}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # user mistakes: one line, no traceback
+        print(f"did: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("did: interrupted", file=sys.stderr)

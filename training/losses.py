@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pytorch_msssim import ssim
 
-from models.disentangler import Codes
 
 
 def reconstruction(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -19,12 +17,10 @@ def reconstruction(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def structure(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - SSIM(recon, target) on [0, 1] images (11x11 Gaussian window): an optional term beside the L1
-    reconstruction, not in the papers. L1 pays for a feature in proportion to its area, so a blurry decoder learns
-    hair and background long before a thin mouth or the pupils; SSIM compares local contrast and structure in every
-    window, so a missing mouth costs as much as a wrong cheek. On the synthetic benchmark it is what makes the
-    smile appear in reconstructions at all (docs/evaluation.md). SSIM is blind to a uniform colour shift, which the
-    L1 term keeps in check."""
+    """1 - SSIM(recon, target) on [0, 1] images (11x11 Gaussian window), not in the papers (`terms.structure`).
+    SSIM is blind to a uniform colour shift, which the L1 reconstruction beside it keeps in check."""
+    from pytorch_msssim import ssim  # a training-only package: imported when the term is used
+
     return 1 - ssim(recon.float() * 0.5 + 0.5, target.float() * 0.5 + 0.5, data_range=1.0)
 
 
@@ -34,12 +30,9 @@ def zero(sep_a_of_b: torch.Tensor, sep_b_of_a: torch.Tensor) -> torch.Tensor:
 
 
 def removal_codes(sep_a_of_removed: torch.Tensor, sep_b_of_removed: torch.Tensor) -> torch.Tensor:
-    """|E_sA(r)|_1 + |E_sB(r)|_1 for the attribute-free decodes r = G(E_c(x), 0, 0) of both domains: a term of
-    our own, not in the papers, in the spirit of the mask paper's code cycle. The zero term teaches each separate
-    encoder to answer 0 on faces without its attribute; an attribute that the common code smuggles into r makes
-    them answer, and this term charges the decoder (and the common encoder) for it. Without it the common-space
-    adversary is the only force against the leak, and a decoder sharpened by the structure term reads the
-    attribute from whatever the adversary lets through (docs/evaluation.md)."""
+    """|E_sA(r)|_1 + |E_sB(r)|_1 for the attribute-free decodes r = G(E_c(x), 0, 0) of both domains, not in the
+    papers (`terms.removal`): the zero term teaches each separate encoder to answer 0 on faces without its
+    attribute, so an attribute the common code smuggles into r makes them answer."""
     return sep_a_of_removed.abs().mean() + sep_b_of_removed.abs().mean()
 
 
@@ -65,20 +58,9 @@ def discriminator_groups(logits: torch.Tensor, groups: torch.Tensor) -> torch.Te
 
 
 def adversarial_towards(logits: torch.Tensor, group: int) -> torch.Tensor:
-    """The encoder's side with a third group: make d take A's and B's common codes for the codes of faces with
-    neither attribute, the codes on which the attribute-free decode is trained (`--neither-adversary`). The
-    two-domain form (`adversarial`) only asks that A's and B's codes look alike, which a code carrying both
-    attributes half-way also satisfies."""
+    """The encoder's side with a third group: make d take the given common codes for those of `group` (the
+    faces with neither attribute, `terms.neither_adversarial`)."""
     return F.cross_entropy(logits, torch.full((logits.shape[0],), group, dtype=torch.long, device=logits.device))
-
-
-def generator_terms(codes_a: Codes, codes_b: Codes, recon_a: torch.Tensor, recon_b: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The unweighted non-adversarial terms of one step, by name (for logging and for the weighted sum)."""
-    return {
-        "recon_a": reconstruction(recon_a, a),
-        "recon_b": reconstruction(recon_b, b),
-        "zero": zero(codes_b.sep_a, codes_a.sep_b),
-    }
 
 
 # --- the mask-based variant (Mokady, Benaim, Wolf, Bermano, ICLR 2020) ---------------------------------------------
@@ -112,6 +94,6 @@ def code_cycle(common_t: torch.Tensor, sep_t: torch.Tensor, common_content: torc
 
 
 def mask_sparsity(*masks: torch.Tensor) -> torch.Tensor:
-    """mean(m) over the masks of the step: an optional extra push towards small masks (off by default; the second
-    reconstruction already closes the mask wherever it is not needed)."""
+    """mean(m) over the given masks: a push towards small masks beside the second reconstruction (not in the
+    papers)."""
     return torch.stack([m.mean() for m in masks]).mean()
