@@ -1,6 +1,6 @@
 """Every setting of the service, read once from `DID_*` environment variables (and `did serve` flags).
 
-The README's settings table lists these fields; keep the two in step.
+docs/deploy.md's settings table lists these fields; keep the two in step.
 """
 from __future__ import annotations
 
