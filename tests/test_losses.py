@@ -3,7 +3,6 @@ import math
 
 import torch
 
-from models import Codes
 from training import losses
 
 

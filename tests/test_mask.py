@@ -1,14 +1,12 @@
 """The mask-based variant (Mokady et al., ICLR 2020): the decoder's mask head, the compositing edits, segmentation,
 checkpoints and training of variant "mask"."""
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from models import Codes, Disentangler, Edit, load, preset, read_card, save
-from training.cli import main
+from models import Disentangler, Edit, load, preset, read_card, save
 from training.loop import Trainer, initialise_from
 
 
