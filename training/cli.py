@@ -32,14 +32,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     from .recipes import Data, RunOptions
 
-    p.add_argument("--recipe", help="training/recipes/NAME.toml or a path to a .toml file (`did recipes` lists them; "
+    p.add_argument("--recipe", metavar="NAME", help="training/recipes/NAME.toml or a path to a .toml file (`did recipes` lists them; "
                                     "default: the pair's shipped recipe, `paper` for celeba, `folders` for folders)")
-    p.add_argument("--out", type=Path, required=True, help="run directory; re-run the same command to continue a run")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory; re-run the same command to continue a run")
     data = p.add_argument_group("data (overrides the recipe's [data])")
     for f in dataclasses.fields(Data):
         flag = "--data" if f.name == "source" else f"--{f.name.replace('_', '-')}"
         kind = int if f.type in ("int", int) else str
-        data.add_argument(flag, dest=f"data_{f.name}", type=kind, help=f.metadata["help"])
+        data.add_argument(flag, dest=f"data_{f.name}", type=kind, metavar=f.name.upper(), help=f.metadata["help"])
     over = p.add_argument_group("overrides (recorded in the card)")
     over.add_argument("--weight", action="append", default=[], metavar="TERM=W",
                       help="a loss term's weight in every stage it applies to; repeatable (`did terms` lists them)")
@@ -49,13 +49,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     over.add_argument("--stage-steps", type=int, metavar="N", help="every stage runs N steps only (smoke tests)")
     run = p.add_argument_group("run (not recorded: they do not change the weights)")
     d = RunOptions()
-    run.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda or cuda:N")
-    run.add_argument("--max-minutes", type=float, default=d.max_minutes,
+    run.add_argument("--device", default=d.device, metavar="DEV", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    run.add_argument("--max-minutes", type=float, default=d.max_minutes, metavar="M",
                      help="stop and save after this many minutes (0: no limit); re-run to continue")
-    run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
-    run.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between sample grids (0: at stage ends)")
-    run.add_argument("--log-every", type=int, default=d.log_every, help="steps between log.jsonl lines")
-    run.add_argument("--num-workers", type=int, default=d.num_workers, help="image-decoding workers for file data")
+    run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N", help="steps between checkpoints")
+    run.add_argument("--sample-every", type=int, default=d.sample_every, metavar="N", help="steps between sample grids (0: at stage ends)")
+    run.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="steps between log.jsonl lines")
+    run.add_argument("--num-workers", type=int, default=d.num_workers, metavar="N", help="image-decoding workers for file data")
     run.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA instead of bf16 autocast")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
