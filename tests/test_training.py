@@ -308,3 +308,23 @@ def test_torchrun_two_processes_gloo(tiny_recipe: Path, tmp_path: Path) -> None:
     assert [r["step"] for r in _log(out / "stages" / "02-mask")] == [3]
     assert math.isfinite(_log(out / "stages" / "01-plain")[-1]["loss"])
     load(out)
+
+
+def test_start_from_a_checkpoint_of_the_start_recipe_runs_only_the_recipes_own_stages(tiny_recipe: Path, tmp_path: Path,
+                                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    first = tmp_path / "first"
+    assert _train(tiny_recipe, first, "--stage-steps", "1") == 0
+    follow = tmp_path / "follow.toml"
+    follow.write_text(f'start = "{tiny_recipe}"\nwidth = "tiny"\nseed = 3\n[data]\nimage_size = 64\n'
+                      '[[stages]]\nname = "more"\nvariant = "mask"\nsteps = 2\nbatch_size = 2\n'
+                      'weights = { recon_a = 7, recon_b = 5, zero = 1, mask_recon = 0.7, adversarial = 0.005 }\n')
+    assert [s.name for s in recipes.load(str(follow)).stages] == ["tiny.plain", "tiny.mask", "more"]
+    out = tmp_path / "run"
+    assert _train(follow, out, "--start-from", str(first)) == 0
+    t = read_card(out / "model.json")["training"]
+    sha = read_card(first / "model.json")["tensors"]["sha256"]
+    assert [s["name"] for s in t["stages"]] == ["more"] and t["steps"] == 2
+    assert t["stages"][0]["start"] == {"stage": "tiny.mask", "sha256": sha} == t["overrides"]["start_from"]
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["03-more"]
+    assert _train(tiny_recipe, tmp_path / "x", "--start-from", str(first)) == 2  # the tiny recipe has no start
+    assert "no start recipe" in capsys.readouterr().err

@@ -47,6 +47,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                       help="a recipe or stage setting (lr, batch_size, steps, common_noise, width, seed, save_dtype, ...)"
                            " in every stage; repeatable")
     over.add_argument("--stage-steps", type=int, metavar="N", help="every stage runs N steps only (smoke tests)")
+    over.add_argument("--start-from", type=Path, metavar="CHECKPOINT",
+                      help="a checkpoint of the recipe's start recipe (e.g. weights/smile_glasses for "
+                           "smile_glasses_mask): its stages are not run, the recipe's own start from its weights")
     run = p.add_argument_group("run (not recorded: they do not change the weights)")
     d = RunOptions()
     run.add_argument("--device", default=d.device, metavar="DEV", help="auto (CUDA when present), cpu, cuda or cuda:N")
@@ -87,7 +90,7 @@ def run_train(args: argparse.Namespace) -> int:
     if main_rank:
         logging.getLogger("did").info("recipe %s: %d stage(s), %d steps -> %s", recipe.name, len(recipe.stages),
                                       recipe.total_steps, args.out)
-    card = recipes.run(recipe, args.out, opts, record)
+    card = recipes.run(recipe, args.out, opts, record, start_checkpoint=args.start_from)
     if main_rank:
         if card is None:
             print(f"stopped by --max-minutes; run the same command again to continue {args.out}")

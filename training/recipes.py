@@ -341,14 +341,36 @@ def _check_plan(recipe: Recipe, overrides: dict[str, Any], out: Path) -> None:
     tmp.replace(path)
 
 
-def run(recipe: Recipe, out: Path, opts, overrides: dict[str, Any] | None = None) -> Path | None:
+def start_from(recipe: Recipe, path: Path) -> tuple[int, dict[str, Any]]:
+    """For `did train --start-from CHECKPOINT`: the number of leading stages (those of the recipe's `start`) that
+    the checkpoint stands in for, and the start record of the first stage that runs. The checkpoint's card must name
+    the start recipe, so its weights are what those stages produce."""
+    if not recipe.start:
+        raise ValueError(f"--start-from: recipe {recipe.name} has no start recipe whose stages a checkpoint could replace")
+    card = checkpoint.read_card(path)
+    named = card.get("training", {}).get("recipe", {}).get("name")
+    if named != Path(recipe.start).stem:
+        raise ValueError(f"--start-from {path}: its card names recipe {named!r}, not {recipe.name}'s start "
+                         f"{recipe.start!r}")
+    skipped = [s for s in recipe.stages if s.name.startswith(f"{Path(recipe.start).stem}.")]
+    return len(skipped), {"stage": skipped[-1].name, "sha256": card["tensors"]["sha256"]}
+
+
+def run(recipe: Recipe, out: Path, opts, overrides: dict[str, Any] | None = None,
+        start_checkpoint: Path | None = None) -> Path | None:
     """Run (or continue) every stage of `recipe` into `out`; returns the final card's path, or None when the time
-    budget (opts.max_minutes) stopped the run first. Every rank calls this under torchrun."""
+    budget (opts.max_minutes) stopped the run first. With `start_checkpoint` (a checkpoint of the recipe's start
+    recipe) the start recipe's stages are not run: the first of the recipe's own stages starts from its weights.
+    Every rank calls this under torchrun."""
     import torch.distributed as dist
 
     from .loop import setup_distributed, train_stage
 
-    overrides = overrides or {}
+    overrides = dict(overrides or {})
+    skip, start = 0, None
+    if start_checkpoint is not None:
+        skip, start = start_from(recipe, start_checkpoint)
+        overrides["start_from"] = start
     d, device = setup_distributed(opts.device)
     if d.main:
         _check_plan(recipe, overrides, out)
@@ -365,10 +387,9 @@ def run(recipe: Recipe, out: Path, opts, overrides: dict[str, Any] | None = None
     }
     deadline = time.monotonic() + opts.max_minutes * 60 if opts.max_minutes > 0 else math.inf
     records: list[dict[str, Any]] = []
-    start: dict[str, Any] | None = None
-    init: Path | None = None
-    offset = 0
-    for stage, sdir in zip(recipe.stages, stage_dirs(recipe, out)):
+    init = start_checkpoint
+    offset = sum(s.steps for s in recipe.stages[:skip])  # the data stream goes on where the replaced stages left it
+    for stage, sdir in list(zip(recipe.stages, stage_dirs(recipe, out)))[skip:]:
         record = {**stage.to_dict(), "start": start}
         result = train_stage(
             weights=stage.weights, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size,
@@ -389,7 +410,7 @@ def run(recipe: Recipe, out: Path, opts, overrides: dict[str, Any] | None = None
     card = None
     if d.main:
         final = checkpoint.load(init)
-        training = {**provenance, "stages": records, "steps": recipe.total_steps,
+        training = {**provenance, "stages": records, "steps": sum(r["steps"] for r in records),
                     "minutes": round(sum(r["minutes"] for r in records), 2)}
         card = checkpoint.save(final, out / "model", training=training, dtype=recipe.save_dtype)
     _finish(d)
