@@ -185,6 +185,7 @@ def test_bad_train_arguments_are_one_line_errors(tiny_recipe: Path, tmp_path: Pa
     assert _train(tiny_recipe, tmp_path / "run", *args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "plan.json").exists()  # a refused command leaves no run to be continued
 
 
 def test_a_mask_term_on_a_plain_recipe_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -372,11 +372,11 @@ def run(recipe: Recipe, out: Path, opts, overrides: dict[str, Any] | None = None
         skip, start = start_from(recipe, start_checkpoint)
         overrides["start_from"] = start
     d, device = setup_distributed(opts.device)
+    source = build_source(recipe.data, opts.num_workers)  # before the plan is written: bad data leaves no run behind
     if d.main:
         _check_plan(recipe, overrides, out)
     if d.world_size > 1:
         dist.barrier()
-    source = build_source(recipe.data, opts.num_workers)
     provenance = {
         "recipe": {"name": recipe.name, "files": [{"path": p, "sha256": h} for p, h in recipe.files]},
         "overrides": overrides,
