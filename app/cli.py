@@ -1,7 +1,7 @@
 """`did serve` and `did-serve`: check and load every checkpoint, then serve them with uvicorn.
 
 `did-serve` (`main`) is the service's own command: it imports nothing of `training`, so it runs where only the
-`serve` extra is installed (the Docker image); `did serve` is the same through the project's `did` command line.
+`serve` extra is installed (the Docker image); `did serve` hands its arguments to the same `main`.
 The flags (`--host --port --workers --weights --device`) override the DID_* environment variables; every other
 setting is an environment variable only (app/settings.py, docs/deploy.md's settings table). A checkpoint that cannot be
 loaded stops startup with one line, `did serve: error: FILE: REASON`, and exit status 2.
@@ -66,8 +66,8 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="did-serve", description="Serve every checkpoint of a weights directory over HTTP "
+def build_parser(prog: str = "did-serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Serve every checkpoint of a weights directory over HTTP "
                                 "(other settings: DID_* variables).")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default 8000)")
@@ -77,12 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "did-serve") -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return serve(build_parser().parse_args(argv))
+        return serve(build_parser(prog).parse_args(argv))
     except KeyboardInterrupt:  # while the models load; once uvicorn runs, it handles Ctrl-C itself
-        print("did-serve: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -210,7 +210,7 @@ def test_dockerfile_builds_both_flavours_from_pinned_bases():
 
 def test_dockerfile_runs_did_serve_as_non_root_with_bundled_weights():
     df = read_dockerfile(DOCKERFILE)
-    assert df.command() == ["did-serve"]  # `did serve` goes through training/cli.py, which needs the train extra
+    assert df.command() == ["did-serve"]  # the service's own command: it imports nothing of training/
     user = df.last("USER")
     assert user is not None and user.split(":")[0] not in ("0", "root")
     env = df.env()

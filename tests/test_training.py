@@ -69,7 +69,7 @@ def test_recipe_file_inherits_stage_keys_and_weights(tiny_recipe: Path) -> None:
     assert mask.weights == {"recon_a": 7, "recon_b": 5, "zero": 1, "structure": 1, "mask_recon": 0.7, "cycle_b": 1,
                             "removal": 5, "neither": 1, "neither_zero": 1, "neither_adversarial": 0.1}
     assert recipe.total_steps == 6 and recipe.variant == "mask"
-    assert recipe.files[0][1] == recipes.sha256(tiny_recipe)
+    assert recipe.files[0][1] == checkpoint.sha256(tiny_recipe)
 
 
 def test_every_bundled_recipe_loads_and_a_mask_recipe_starts_from_its_plain_one() -> None:
@@ -113,7 +113,7 @@ def test_a_recipe_run_writes_its_stages_and_a_card_with_full_provenance(tiny_rec
     assert row["loss"] == pytest.approx(expected, rel=1e-4)  # the logged total is the weighted sum of the terms
     card = read_card(out / "model.json")
     t = card["training"]
-    assert t["recipe"] == {"name": "tiny", "files": [{"path": str(tiny_recipe), "sha256": recipes.sha256(tiny_recipe)}]}
+    assert t["recipe"] == {"name": "tiny", "files": [{"path": str(tiny_recipe), "sha256": checkpoint.sha256(tiny_recipe)}]}
     assert t["overrides"] == {"weights": {"zero": 2.0}, "set": {"seed": "5"}} and t["seed"] == 5
     assert t["steps"] == 6 and [s["steps"] for s in t["stages"]] == [3, 3]
     first, second = t["stages"]
@@ -265,7 +265,7 @@ def test_bundled_cards_name_their_recipe_and_hold_no_outside_path() -> None:
         files = card["training"]["recipe"]["files"]
         assert files[0]["path"] == f"training/recipes/{card['training']['recipe']['name']}.toml", path
         for f in files:
-            assert recipes.sha256(ROOT / f["path"]) == f["sha256"], (path, f)
+            assert checkpoint.sha256(ROOT / f["path"]) == f["sha256"], (path, f)
         text = json.dumps(card)
         for marker in ("runs/", "/work", "/tmp", "/home", '"path"'):
             assert marker not in text.replace('"path": "training/recipes/', ""), (path, marker)

@@ -70,7 +70,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .recipes import RunOptions
 
     data = {f.name: getattr(args, f"data_{f.name}") for f in dataclasses.fields(recipes.Data)}
-    data = {k: (str(v) if k in ("root", "a", "b") else v) for k, v in data.items() if v is not None}
+    data = {k: v for k, v in data.items() if v is not None}
     name = args.recipe or recipes.default_for(recipes.Data(**{k: v for k, v in data.items() if k in ("source", "pair")}))
     weights = {}
     for term, value in _pairs(args.weight, "--weight").items():
@@ -270,26 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     jt.add_argument("--no-progress", dest="progress", action="store_false")
     jt.set_defaults(func=run_judge_train)
 
-    sv = sub.add_parser("serve", help="serve every checkpoint of a weights directory over HTTP (other settings: DID_* variables)")
-    sv.add_argument("--host", help="bind address (default 127.0.0.1)")
-    sv.add_argument("--port", type=int, help="TCP port (default 8000)")
-    sv.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
-    sv.add_argument("--weights", type=Path, help="directory of checkpoints to load (default weights)")
-    sv.add_argument("--device", help="auto (CUDA when present), cuda, cuda:N or cpu")
-    sv.set_defaults(func=run_serve)
+    sub.add_parser("serve", add_help=False, help="serve every checkpoint of a weights directory over HTTP: the flags "
+                   "and help of `did-serve` (other settings: DID_* variables)")
     return p
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    from app.cli import serve  # the service's dependencies load only for `did serve`
-
-    return serve(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # the service's own command line, whose dependencies load only here
+        from app.cli import main as serve_main
+
+        return serve_main(argv[1:], prog="did serve")
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # user mistakes: one line, no traceback

@@ -35,7 +35,7 @@ from . import terms
 from .data import PairSource
 from .figures import training_sample
 from .passes import Generator
-from .recipes import RunOptions
+from .recipes import Recipe, RunOptions, Stage
 
 log = logging.getLogger("did.train")
 
@@ -112,7 +112,7 @@ class Trainer:
         terms.check_weights(weights, model_cfg.variant)
         if common_noise < 0:
             raise ValueError(f"common_noise must not be negative, not {common_noise}")
-        self.device, self.lr, self.betas, self.clip = device, lr, tuple(betas), clip
+        self.clip = clip
         self.terms = terms.active(weights)
         self.weights = {t.name: float(weights[t.name]) for t in self.terms}
         self.adversary = terms.adversary_of(weights)
@@ -121,8 +121,8 @@ class Trainer:
         self.metrics = tuple(self.weights) + (self.adversary.name, "disc", "loss")
         self.model = Disentangler(model_cfg).to(device).train()
         self.disc = LatentDiscriminator(model_cfg, groups=self.adversary.groups).to(device).train()
-        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=lr, betas=self.betas)
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=lr, betas=self.betas)
+        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=lr, betas=tuple(betas))
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=lr, betas=tuple(betas))
         removal = not model_cfg.has_mask and any("removed_a" in t.reads for t in self.terms)
         self.gen: nn.Module = Generator(self.model, removal=removal, common_noise=common_noise)
         self.disc_ddp: nn.Module = self.disc
@@ -231,15 +231,15 @@ class StageResult:
     model: Path  # the stage's checkpoint (DIR/model)
 
 
-def train_stage(*, weights: dict[str, float], steps: int, lr: float, batch_size: int, common_noise: float,
-                model_cfg: ModelConfig, source: PairSource, out: Path, opts: RunOptions, dist_info: Dist,
-                device: torch.device, seed: int, betas: tuple[float, float], clip: float, init: Path | None,
-                data_offset: int, deadline: float, training: dict[str, Any]) -> StageResult:
-    """Train one stage into `out` (or continue it from `out/train_state.pt`), starting from the weights of `init`
-    (a previous stage's checkpoint) or a fresh initialisation drawn from `seed`. The data stream starts at step
-    `data_offset`, so consecutive stages see new faces. A finished stage returns at once. `training` is what the
-    stage's card records beside its steps."""
-    d = dist_info
+def train_stage(stage: Stage, recipe: Recipe, *, source: PairSource, out: Path, opts: RunOptions, dist_info: Dist,
+                device: torch.device, init: Path | None, data_offset: int, deadline: float,
+                training: dict[str, Any]) -> StageResult:
+    """Train one stage of `recipe` into `out` (or continue it from `out/train_state.pt`), starting from the weights
+    of `init` (a previous stage's checkpoint) or a fresh initialisation drawn from the recipe's seed. The data stream
+    starts at step `data_offset`, so consecutive stages see new faces. A finished stage returns at once. `training`
+    is what the stage's card records beside its steps."""
+    d, steps, batch_size, seed = dist_info, stage.steps, stage.batch_size, recipe.seed
+    model_cfg = recipe.model_config(stage, source.domains)
     state_path = out / STATE_FILE
     state = torch.load(state_path, map_location=device, weights_only=True) if state_path.exists() else None
     if state is not None and int(state["step"]) >= steps:
@@ -247,8 +247,8 @@ def train_stage(*, weights: dict[str, float], steps: int, lr: float, batch_size:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed + d.rank)
-    trainer = Trainer(weights, model_cfg, device, d.world_size, lr=lr, betas=betas, clip=clip,
-                      common_noise=common_noise, amp=opts.amp)
+    trainer = Trainer(stage.weights, model_cfg, device, d.world_size, lr=stage.lr, betas=recipe.betas, clip=recipe.clip,
+                      common_noise=stage.common_noise, amp=opts.amp)
     model = trainer.model
     if trainer.needs_neither and not hasattr(source, "neither_batches"):
         raise ValueError(f"the terms {', '.join(t.name for t in trainer.terms if t.needs_neither) or 'neither_adversarial'} "

@@ -14,7 +14,6 @@ the run stopped: inside a stage from its last checkpoint, at a boundary with the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -136,9 +135,11 @@ class Recipe:
                 "stages": [s.to_dict() for s in self.stages], "files": [list(f) for f in self.files]}
 
 
-# The keys `--set KEY=VALUE` takes: every field of Stage (set in every stage), of Recipe and of Data, but the names.
-RECIPE_KEYS = ("width", "base_width", "sep_channels", "code_channels", "seed", "betas", "clip", "save_dtype")
-STAGE_KEYS = ("steps", "lr", "batch_size", "variant", "common_noise")
+# The settings of a recipe file, which `--set KEY=VALUE` also takes: the fields of Stage (set in every stage), of
+# Recipe and of Data, but for names, weights (`--weight`), structure and provenance.
+STAGE_KEYS = tuple(f.name for f in dataclasses.fields(Stage) if f.name not in ("name", "weights"))
+RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe)
+                    if f.name not in ("name", "description", "data", "stages", "start", "files"))
 DATA_KEYS = tuple(f.name for f in dataclasses.fields(Data))
 
 
@@ -166,10 +167,6 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load(name: str, _seen: tuple[str, ...] = ()) -> Recipe:
     """The recipe NAME (training/recipes/NAME.toml) or a path to a .toml file, resolved."""
     path = _file_of(name)
@@ -187,7 +184,7 @@ def load(name: str, _seen: tuple[str, ...] = ()) -> Recipe:
     except TypeError as e:
         raise ValueError(f"{where}: [data]: {e}") from None
     stages: list[Stage] = []
-    files: list[tuple[str, str]] = [(where, sha256(path))]
+    files: list[tuple[str, str]] = [(where, checkpoint.sha256(path))]
     start = raw.get("start", "")
     if start:
         if start in _seen or start == path.stem:
@@ -240,7 +237,7 @@ def _coerce(key: str, value: str, like: Any) -> Any:
             raise ValueError
         if isinstance(like, tuple):
             return tuple(float(v) for v in value.split(","))
-        if isinstance(like, int) or key in ("base_width", "sep_channels", "code_channels"):
+        if isinstance(like, int):
             return int(value)
         if isinstance(like, float):
             return float(value)
@@ -263,8 +260,8 @@ def override(recipe: Recipe, *, weights: dict[str, float] | None = None, setting
         if key in STAGE_KEYS:
             stage_fields[key] = _coerce(key, value, getattr(recipe.stages[0], key))
         elif key in RECIPE_KEYS:
-            like = getattr(recipe, key)
-            recipe_fields[key] = _coerce(key, value, like if like is not None else 0)
+            like = getattr(recipe, key)  # the preset's size overrides are None until set: whole numbers
+            recipe_fields[key] = _coerce(key, value, 0 if like is None else like)
         elif key in DATA_KEYS:
             data[key] = _coerce(key, value, getattr(recipe.data, key))
         else:
@@ -298,7 +295,7 @@ def override(recipe: Recipe, *, weights: dict[str, float] | None = None, setting
     return result, record
 
 
-def build_source(data: Data, num_workers: int = 2):
+def build_source(data: Data):
     """The data source a recipe's [data] names."""
     if data.source == "synthetic":
         from .synthetic import SyntheticPairs
@@ -323,22 +320,20 @@ def stage_dirs(recipe: Recipe, out: Path) -> list[Path]:
 
 def _check_plan(recipe: Recipe, overrides: dict[str, Any], out: Path) -> None:
     """Write the run's plan into OUT, or refuse to continue a run of another plan there."""
-    plan = {"recipe": recipe.plan(), "overrides": overrides}
+    plan = json.loads(json.dumps({"recipe": recipe.plan(), "overrides": overrides}))  # as it reads back from disk
     path = out / PLAN_FILE
     if path.exists():
         held = json.loads(path.read_text())
-        if held != json.loads(json.dumps(plan)):
+        if held != plan:
             changed = sorted(k for k in set(held["recipe"]) | set(plan["recipe"])
-                             if held["recipe"].get(k) != json.loads(json.dumps(plan["recipe"])).get(k))
-            if held.get("overrides") != json.loads(json.dumps(overrides)):
+                             if held["recipe"].get(k) != plan["recipe"].get(k))
+            if held.get("overrides") != plan["overrides"]:
                 changed.append("overrides")
             raise ValueError(f"{out} holds a run of recipe {held['recipe']['name']} with other settings "
                              f"({', '.join(changed)} differ): re-run its own command to continue it, or use a new --out")
         return
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=2) + "\n")
-    tmp.replace(path)
+    checkpoint.write_card(plan, path)
 
 
 def start_from(recipe: Recipe, path: Path) -> tuple[int, dict[str, Any]]:
@@ -372,7 +367,7 @@ def run(recipe: Recipe, out: Path, opts, overrides: dict[str, Any] | None = None
         skip, start = start_from(recipe, start_checkpoint)
         overrides["start_from"] = start
     d, device = setup_distributed(opts.device)
-    source = build_source(recipe.data, opts.num_workers)  # before the plan is written: bad data leaves no run behind
+    source = build_source(recipe.data)  # before the plan is written: bad data leaves no run behind
     if d.main:
         _check_plan(recipe, overrides, out)
     if d.world_size > 1:
@@ -391,12 +386,9 @@ def run(recipe: Recipe, out: Path, opts, overrides: dict[str, Any] | None = None
     offset = sum(s.steps for s in recipe.stages[:skip])  # the data stream goes on where the replaced stages left it
     for stage, sdir in list(zip(recipe.stages, stage_dirs(recipe, out)))[skip:]:
         record = {**stage.to_dict(), "start": start}
-        result = train_stage(
-            weights=stage.weights, steps=stage.steps, lr=stage.lr, batch_size=stage.batch_size,
-            common_noise=stage.common_noise, model_cfg=recipe.model_config(stage, source.domains), source=source,
-            out=sdir, opts=opts, dist_info=d, device=device, seed=recipe.seed, betas=recipe.betas, clip=recipe.clip,
-            init=init, data_offset=offset, deadline=deadline,
-            training={**provenance, "stage": record, "data_offset": offset})
+        result = train_stage(stage, recipe, source=source, out=sdir, opts=opts, dist_info=d, device=device, init=init,
+                             data_offset=offset, deadline=deadline,
+                             training={**provenance, "stage": record, "data_offset": offset})
         if not result.finished:
             if d.main:
                 log.info("stopped in stage %s at step %d of %d; re-run the same command to continue",
