@@ -1,17 +1,23 @@
 """Dynamic batching of model calls, one batcher per loaded model.
 
-Every endpoint is encode -> cheap code recombination -> decode. Four job kinds carry all the model work:
-`encode(images) -> Codes`, `decode(Codes) -> images`, `edit(images, recombine) -> images`, which does all three
-steps in one trip through the queue (an edit that went encode, back to the event loop, then decode would wait for
-two batches instead of one), and `render(images, plan) -> (images, masks)`, an edit whose recombination is a core
-`Edit` carried out by the core's `render` (mask models composite the result over the uploaded image itself). Requests put jobs on a bounded asyncio queue (full: 503 with Retry-After). One worker
-task per model takes the first waiting job, then gathers more for up to `max_wait_ms` or until `max_batch` images,
-and runs the whole batch in the model's own thread (torch.inference_mode), off the event loop: one encode call for
-the images of every encode and edit job, each edit's recombination (the core's `transfer_codes`/`remove_codes`) on
-its own rows, then one decode call for every decode and edit job and one render call for every render job. While that thread computes, new jobs queue up
-and form the next batch. The batcher does not wait when every request in flight already has a job in the batch
+Every endpoint is encode -> cheap code recombination -> decode. Three job kinds carry all the model work:
+`encode(images) -> Codes`, `decode(Codes) -> images`, and `render(images, plan, parts) -> (images, masks)`, an edit
+in one trip through the queue (an edit that went encode, back to the event loop, then decode would wait for two
+batches instead of one): its images are encoded, `plan` turns their codes into a core `Edit`, and the core's
+`render` carries it out (mask models composite the result over the uploaded image itself). `parts` says which codes
+of each image the edit reads (the core's `*_parts`), so an encoder runs only on the images that need its code.
+Requests put jobs on a bounded asyncio queue (full: 503 with Retry-After). One worker task per model takes the
+first waiting job, then gathers more for up to `max_wait_ms` or until `max_batch` images, and runs the whole batch
+in the model's own thread (torch.inference_mode), off the event loop: one call per encoder for the images of every
+encode and render job that need its code, each render job's plan on its own codes, then one decode call for every
+decode job and one render call for every render job. While that thread computes, new jobs queue up and form the
+next batch. The batcher does not wait when every request in flight already has a job in the batch
 (one client alone is not slowed down by max_wait_ms). `call` runs any other function of the model (interpolation
 paths) in the same thread.
+
+A request waits for its job until its deadline or until its client disconnects (app/limits.py), whichever
+comes first; then it answers 504 (or gives up, for a client that is gone) and its job, unless already in the
+model's thread, is dropped before the model call.
 
 Every net is per-sample (instance and group norms; no batch statistics), so a batched answer equals the answer
 computed alone, up to float rounding. max_batch 1 and max_wait 0 is the naive configuration: one job per call.
@@ -28,17 +34,19 @@ from typing import Any, Callable, Literal
 import torch
 
 from models import Codes, Disentangler, Edit
+from models.disentangler import PARTS, Part
 
-from .errors import NotReady, Overloaded
+from . import limits
+from .errors import ClientGone, DeadlineExceeded, NotReady, Overloaded
 from .metrics import Metrics
 
 log = logging.getLogger("did.app")
 
-Kind = Literal["encode", "decode", "edit", "render", "call"]
-# An edit's recombination: its rows' Codes (on the model's device) -> (Codes to decode, anything to hand back).
-Recombine = Callable[[Codes], tuple[Codes, Any]]
-# A render job's plan: its rows' Codes -> (the Edit of its first len(Edit) images, anything to hand back).
-Plan = Callable[[Codes], tuple[Edit, Any]]
+Kind = Literal["encode", "decode", "render", "call"]
+# A render job's plan: the Codes of each of its images (one row each, on the model's device; a code the job's
+# parts did not ask for is None) -> (the Edit of its first len(Edit) images, anything to hand back).
+Plan = Callable[[list[Codes]], tuple[Edit, Any]]
+ALL: frozenset[Part] = frozenset(PARTS)
 
 
 @dataclass(slots=True)
@@ -47,6 +55,9 @@ class _Job:
     payload: Any
     rows: int
     future: asyncio.Future
+    queued: float = 0.0  # perf_counter() when it entered the queue
+    request: bool = False  # a request's job (its stages are timed), not the warm-up's
+    dropped: str = ""  # why its request stopped waiting ("deadline", "disconnected"); the batcher drops it
 
 
 class Batcher:
@@ -73,16 +84,17 @@ class Batcher:
         """Codes of N rows -> (N, 3, S, S) CPU float32 images in [-1, 1]."""
         return await self._submit("decode", codes, codes.common.shape[0])
 
-    async def edit(self, images: torch.Tensor, recombine: Recombine) -> tuple[torch.Tensor, Any]:
-        """Encode (N, 3, S, S) CPU images, recombine their codes, decode: ((M, 3, S, S) CPU images, recombine's extra).
-        `recombine` runs in the model's thread; it must only recombine codes (cheap tensor arithmetic)."""
-        return await self._submit("edit", (images, recombine), images.shape[0])
-
-    async def render(self, images: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """Encode (N, 3, S, S) CPU images, plan an Edit on their codes, carry it out on the first M images (the
-        ones edited; guides follow them): ((M, 3, S, S) CPU images, (M, 1, S, S) CPU masks or None for a plain
-        model, plan's extra). `plan` runs in the model's thread; it must only recombine codes."""
-        return await self._submit("render", (images, plan), images.shape[0])
+    async def render(self, images: torch.Tensor, plan: Plan, parts: tuple[frozenset[Part], ...] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """Encode (N, 3, S, S) CPU images (of image i only the codes in parts[i]; None: all three of every image),
+        plan an Edit on their codes, carry it out on the first M images (the ones edited; guides follow them):
+        ((M, 3, S, S) CPU images, (M, 1, S, S) CPU masks or None for a plain model, plan's extra). `plan` runs in
+        the model's thread; it must only recombine codes."""
+        n = images.shape[0]
+        parts = (ALL,) * n if parts is None else tuple(frozenset(p) for p in parts)
+        if len(parts) != n or not all(p <= ALL for p in parts):
+            raise ValueError(f"parts needs one subset of {PARTS} per image ({n}), not {parts}")
+        return await self._submit("render", (images, plan, parts), n)
 
     async def call(self, fn: Callable[[Disentangler], Any], rows: int = 1) -> Any:
         """fn(model) in the model's thread, between batches (for work that is not encode or decode)."""
@@ -123,7 +135,12 @@ class Batcher:
     async def _submit(self, kind: Kind, payload: Any, rows: int) -> Any:
         if not self.running:
             raise NotReady(f"model {self.name!r} is not serving yet")
-        job = _Job(kind, payload, rows, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        bounds = limits.current()
+        if bounds is not None and loop.time() >= bounds.deadline:
+            self._count_drop("deadline")
+            raise DeadlineExceeded("the request ran out of time before its model call (DID_REQUEST_TIMEOUT_S)")
+        job = _Job(kind, payload, rows, loop.create_future(), time.perf_counter(), bounds is not None)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -132,7 +149,25 @@ class Batcher:
             raise Overloaded(f"model {self.name!r} has {self._queue.maxsize} jobs waiting; try again shortly") from None
         if self.metrics:
             self.metrics.queue_depth.labels(self.name).set(self.depth)
-        return await job.future
+        if bounds is None:
+            return await job.future
+        gone = asyncio.ensure_future(bounds.disconnected())
+        try:
+            timeout = None if bounds.deadline == float("inf") else max(0.0, bounds.deadline - loop.time())
+            await asyncio.wait((job.future, gone), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if job.future.done():
+            return job.future.result()
+        job.dropped = "disconnected" if gone.done() and not gone.cancelled() else "deadline"
+        job.future.cancel()  # the batcher drops it, unless its batch is already computing
+        if job.dropped == "disconnected":
+            raise ClientGone("the client closed the connection before its answer was ready")
+        raise DeadlineExceeded("the request ran out of time waiting for the model (DID_REQUEST_TIMEOUT_S)")
+
+    def _count_drop(self, reason: str) -> None:
+        if self.metrics:
+            self.metrics.dropped.labels(self.name, reason).inc()
 
     async def _gather(self) -> list[_Job]:
         """The next batch: the first waiting job, then more until max_batch images or max_wait has passed."""
@@ -157,7 +192,18 @@ class Batcher:
                 break
             jobs.append(job)
             rows += job.rows
-        return [j for j in jobs if not j.future.cancelled()]  # the client went away while it waited
+        kept = []
+        for job in jobs:  # a job whose request stopped waiting (deadline, client gone) never reaches the model
+            if job.future.cancelled():
+                self._count_drop(job.dropped or "cancelled")
+            else:
+                kept.append(job)
+        if self.metrics:
+            now = time.perf_counter()
+            for job in kept:
+                if job.request:
+                    self.metrics.stages.labels("queue").observe(now - job.queued)
+        return kept
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -168,11 +214,17 @@ class Batcher:
             if not jobs:
                 continue
             self._running = jobs
+            start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self._run, jobs)
             except Exception as e:  # a bug in a batch fails that batch's requests, never the worker
                 log.exception("model %s: batch of %d jobs failed", self.name, len(jobs))
                 results = [e] * len(jobs)
+            if self.metrics:
+                took = time.perf_counter() - start
+                for job in jobs:
+                    if job.request:
+                        self.metrics.stages.labels("model").observe(took)
             for job, result in zip(jobs, results):
                 if job.future.done():
                     continue
@@ -184,28 +236,28 @@ class Batcher:
             del jobs, results  # the batch's tensors go as soon as their requests have them
 
     def _run(self, jobs: list[_Job]) -> list[Any]:
-        """The whole batch in the model's thread: one encode call, the edits' recombinations, one decode call."""
+        """The whole batch in the model's thread: one call per encoder, the render jobs' plans, one decode call, one
+        render call."""
         results: dict[int, Any] = {}
         with torch.inference_mode():
-            encoding = [j for j in jobs if j.kind in ("encode", "edit", "render")]
+            encoding = [j for j in jobs if j.kind in ("encode", "render")]
             to_decode: list[tuple[_Job, Codes]] = [(j, Codes(*(self._to_model(t) for t in j.payload))) for j in jobs if j.kind == "decode"]
             to_render: list[tuple[_Job, Edit]] = []
             if encoding:
                 for job, codes in zip(encoding, self._timed("encode", encoding, self._encode)):
                     if job.kind == "encode":
-                        results[id(job)] = Codes(*(t.float().cpu() for t in codes))
+                        results[id(job)] = Codes.cat([Codes(*(t.float().cpu() for t in c)) for c in codes])
                         continue
                     try:
-                        mixed, extra = job.payload[1](codes)
+                        edit, extra = job.payload[1](codes)
                     except Exception as e:  # that request's problem only
                         results[id(job)] = e
                         continue
                     results[id(job)] = extra
-                    (to_render if job.kind == "render" else to_decode).append((job, mixed))
+                    to_render.append((job, edit))
             if to_decode:
-                images = self._timed("decode", to_decode, self._decode)
-                for (job, _), image in zip(to_decode, images):
-                    results[id(job)] = (image, results[id(job)]) if job.kind == "edit" else image
+                for (job, _), image in zip(to_decode, self._timed("decode", to_decode, self._decode)):
+                    results[id(job)] = image
             if to_render:
                 for (job, _), (image, mask) in zip(to_render, self._timed("render", to_render, self._render)):
                     results[id(job)] = (image, mask, results[id(job)])
@@ -221,7 +273,7 @@ class Batcher:
         start = time.perf_counter()
         out = fn(group)
         if self.metrics:
-            rows = sum(len(o.common) if isinstance(o, Codes) else len(o[0]) if isinstance(o, tuple) else len(o) for o in out)
+            rows = sum(len(o) if isinstance(o, list) else len(o[0]) if isinstance(o, tuple) else len(o) for o in out)
             self.metrics.batch_size.labels(self.name, kind).observe(rows)
             self.metrics.batch_seconds.labels(self.name, kind).observe(time.perf_counter() - start)
         return out
@@ -237,12 +289,23 @@ class Batcher:
             start += n
         return out
 
-    def _encode(self, group: list[_Job]) -> list[Codes]:
-        """Codes (on the model's device) of each job's images, from one encode call."""
-        images = [j.payload[0] if j.kind in ("edit", "render") else j.payload for j in group]
-        x = torch.cat(images) if len(images) > 1 else images[0]
-        codes = self.model.encode(self._to_model(x))
-        return [codes.index(s) for s in self._slices([len(i) for i in images])]
+    def _encode(self, group: list[_Job]) -> list[list[Codes]]:
+        """The Codes of each image of each job (one row each, on the model's device; None where the job's parts
+        did not ask for a code), from one call per encoder on the images that need its code."""
+        images = [j.payload[0] if j.kind == "render" else j.payload for j in group]
+        wants = [p for j, i in zip(group, images) for p in (j.payload[2] if j.kind == "render" else (ALL,) * len(i))]
+        x = self._to_model(torch.cat(images) if len(images) > 1 else images[0])
+        rows: list[list[torch.Tensor | None]] = [[None] * len(PARTS) for _ in wants]
+        for k, name in enumerate(PARTS):
+            need = [i for i, w in enumerate(wants) if name in w]
+            if not need:
+                continue
+            every = len(need) == len(wants)
+            code = self.model.encode(x if every else x[torch.tensor(need, device=x.device)], (name,))[k]
+            for i, t in zip(need, code.split(1)):
+                rows[i][k] = t
+        per_row = [Codes(*r) for r in rows]
+        return [per_row[s] for s in self._slices([len(i) for i in images])]
 
     def _decode(self, group: list[tuple[_Job, Codes]]) -> list[torch.Tensor]:
         """CPU float32 images of each entry's codes, from one decode call."""

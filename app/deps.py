@@ -90,13 +90,14 @@ PATH: tuple[str, ...] = ("png", "jpeg", "gif", "webp", "json")
 class Output:
     format: str
     size: int | None
+    png_level: int = 3  # zlib effort of PNG answers (DID_PNG_LEVEL)
 
 
 def output(settings: Settings, fmt: str | None, accept: str | None, size: int | None, allowed: tuple[str, ...] = STILL) -> Output:
     """The answer's format (format= first, then Accept, then png) and size (bounded by DID_MAX_OUTPUT_SIZE)."""
     if size is not None and size > settings.max_output_size:
         raise BadRequest(f"size {size} is larger than the limit of {settings.max_output_size}")
-    return Output(negotiate(fmt, accept, allowed), size)
+    return Output(negotiate(fmt, accept, allowed), size, settings.png_level)
 
 
 SizeQuery = Annotated[int | None, Query(ge=16, description="answer at this many pixels per side (default: the model's resolution)")]

@@ -90,6 +90,20 @@ class NotReady(Unavailable):
     slug = "not-ready"
 
 
+class DeadlineExceeded(Problem):
+    status, slug = 504, "timeout"
+
+
+class ClientGone(Problem):
+    """The client closed the connection before its answer was ready; nobody reads this answer, but the access log
+    and the request metrics record it under 499 (nginx's "client closed request")."""
+
+    status, slug = 499, "client-closed-request"
+
+    def __init__(self, detail: str):
+        super().__init__(detail, title="Client Closed Request")
+
+
 def problem_response(status: int, detail: str | None, *, slug: str | None = None, title: str | None = None,
                      headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> JSONResponse:
     body = {
@@ -105,7 +119,7 @@ def problem_response(status: int, detail: str | None, *, slug: str | None = None
 # OpenAPI: the problem answers every route may give, for `responses=` of routers.
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ProblemBody, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": HTTPStatus(status).phrase}
-    for status in (400, 401, 404, 413, 415, 422, 503)
+    for status in (400, 401, 404, 413, 415, 422, 503, 504)
 }
 
 

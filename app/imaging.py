@@ -16,7 +16,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from fastapi import UploadFile
@@ -24,6 +24,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from models.images import Fit, fit, grid, load_rgb, to_pil, to_tensor
 
+from . import metrics
 from .errors import TooLarge, UnsupportedImage
 
 Format = Literal["png", "jpeg", "webp", "json"]
@@ -90,7 +91,8 @@ async def load_images(uploads: Sequence[tuple[str, UploadFile]], size: int, mode
     def work() -> torch.Tensor:
         return torch.stack([decode(data, name, size, mode, max_pixels) for name, data in blobs])
 
-    return await asyncio.get_running_loop().run_in_executor(None, work)
+    with metrics.stage("decode"):
+        return await asyncio.get_running_loop().run_in_executor(None, work)
 
 
 # --- answers ------------------------------------------------------------------------------------------------------
@@ -138,10 +140,10 @@ def _resize(img: Image.Image, size: int | None) -> Image.Image:
     return img.resize((round(img.width * size / img.height), size), Image.Resampling.LANCZOS)
 
 
-def _save(img: Image.Image, fmt: str) -> bytes:
+def _save(img: Image.Image, fmt: str, png_level: int = 3) -> bytes:
     buf = io.BytesIO()
     if fmt == "png":
-        img.save(buf, "PNG", compress_level=3)
+        img.save(buf, "PNG", compress_level=png_level)
     elif fmt == "jpeg":
         img.save(buf, "JPEG", quality=90)
     elif fmt == "webp":
@@ -151,14 +153,14 @@ def _save(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def encode(image: torch.Tensor, fmt: str, size: int | None = None) -> Encoded:
+def encode(image: torch.Tensor, fmt: str, size: int | None = None, png_level: int = 3) -> Encoded:
     """One (3, H, W) image in [-1, 1] -> bytes; json answers carry a PNG. `size` scales the height (and width alike)."""
     img = _resize(to_pil(image), size)
     still = "png" if fmt == "json" else fmt
-    return Encoded(_save(img, still), MEDIA_TYPES[still], img.width, img.height)
+    return Encoded(_save(img, still, png_level), MEDIA_TYPES[still], img.width, img.height)
 
 
-def encode_path(frames: torch.Tensor, fmt: str, size: int | None = None, frame_ms: int = 120) -> Encoded:
+def encode_path(frames: torch.Tensor, fmt: str, size: int | None = None, png_level: int = 3, frame_ms: int = 120) -> Encoded:
     """(T, 3, S, S) frames -> a strip (png/jpeg/json: frames side by side) or an animation (gif/webp, looping)."""
     if fmt in ("gif", "webp"):
         pics = [_resize(to_pil(f), size) for f in frames]
@@ -167,27 +169,21 @@ def encode_path(frames: torch.Tensor, fmt: str, size: int | None = None, frame_m
         pics[0].save(buf, fmt.upper(), save_all=True, append_images=pics[1:], duration=frame_ms, loop=0, **kw)
         return Encoded(buf.getvalue(), MEDIA_TYPES[fmt], pics[0].width, pics[0].height)
     strip = grid(frames, nrow=frames.shape[0], pad=0)
-    return encode(strip, fmt, size)
+    return encode(strip, fmt, size, png_level)
 
 
-async def encode_async(image: torch.Tensor, fmt: str, size: int | None = None) -> Encoded:
-    return await asyncio.get_running_loop().run_in_executor(None, encode, image, fmt, size)
-
-
-async def encode_path_async(frames: torch.Tensor, fmt: str, size: int | None = None) -> Encoded:
-    return await asyncio.get_running_loop().run_in_executor(None, encode_path, frames, fmt, size)
-
-
-def encode_mask(mask: torch.Tensor, fmt: str, size: int | None = None) -> Encoded:
+def encode_mask(mask: torch.Tensor, fmt: str, size: int | None = None, png_level: int = 3) -> Encoded:
     """One (1, H, W) mask in [0, 1] -> a grayscale image (255 = attribute); json answers carry a PNG."""
     arr = mask.detach().float()[0].mul(255).round().clamp_(0, 255).to(torch.uint8).cpu().numpy()
     img = _resize(Image.fromarray(arr, "L"), size)
     still = "png" if fmt == "json" else fmt
-    return Encoded(_save(img, still), MEDIA_TYPES[still], img.width, img.height)
+    return Encoded(_save(img, still, png_level), MEDIA_TYPES[still], img.width, img.height)
 
 
-async def encode_mask_async(mask: torch.Tensor, fmt: str, size: int | None = None) -> Encoded:
-    return await asyncio.get_running_loop().run_in_executor(None, encode_mask, mask, fmt, size)
+async def encode_async(fn: Callable[..., Encoded], *args: Any) -> Encoded:
+    """fn(*args) (`encode`, `encode_path` or `encode_mask`) in the image threads, timed as the answer's encode."""
+    with metrics.stage("encode"):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 def mask_extent(mask: torch.Tensor, threshold: float, size: int | None = None) -> tuple[float, list[int] | None]:

@@ -19,7 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from . import errors
 from .deps import require_api_key
-from .limits import BodyLimitMiddleware
+from .limits import LimitsMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .registry import Registry
 from .routes import edit, latents, meta
@@ -85,6 +85,6 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
             expose_headers=["X-Model", "X-Detected-Domain", "X-Target-Domain", "X-Removed", "X-Attribute", "X-Mask-Area",
                             "Retry-After"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(LimitsMiddleware, max_bytes=settings.max_request_bytes, timeout_s=settings.request_timeout_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

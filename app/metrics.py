@@ -2,10 +2,17 @@
 
 With several uvicorn workers each process counts its own requests; scrape them one by one or run one worker per
 container (the usual layout behind a load balancer).
+
+`did_stage_duration_seconds` splits a request's time by where it goes: `decode` (uploads to tensors), `queue` (a
+model job waiting for its batch), `model` (the batch's model call), `encode` (the answer's image). Jobs dropped
+before their model call (the request's deadline passed, or its client went away) count in `did_jobs_dropped_total`.
 """
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,10 +33,29 @@ class Metrics:
         self.rejected = Counter("did_queue_rejected_total", "model jobs refused because the queue was full (503)", ["model"], registry=r)
         self.ready = Gauge("did_ready", "1 when every model is loaded and warmed up", registry=r)
         self.models = Gauge("did_models_loaded", "checkpoints loaded", registry=r)
+        self.stages = Histogram("did_stage_duration_seconds", "time of one request in each stage", ["stage"],
+                                buckets=LATENCY_BUCKETS, registry=r)
+        self.dropped = Counter("did_jobs_dropped_total", "model jobs dropped before their model call", ["model", "reason"],
+                               registry=r)
         self.active = 0  # HTTP requests in flight, read by the batchers (a plain int: no lock, one event loop)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_current: ContextVar[Metrics | None] = ContextVar("did_metrics", default=None)
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Time the enclosed work as stage `name` of the current request (no-op outside a request)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        m = _current.get()
+        if m is not None:
+            m.stages.labels(name).observe(time.perf_counter() - start)
 
 
 class MetricsMiddleware:
@@ -53,9 +79,11 @@ class MetricsMiddleware:
 
         self.metrics.in_flight.inc()
         self.metrics.active += 1
+        token = _current.set(self.metrics)
         try:
             await self.app(scope, receive, send_status)
         finally:
+            _current.reset(token)
             self.metrics.active -= 1
             self.metrics.in_flight.dec()
             route = scope.get("route")

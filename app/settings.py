@@ -37,11 +37,14 @@ class Settings(BaseSettings):
     max_output_size: int = Field(1024, ge=16, description="largest `size=` of an answered image (pixels per side)")
     image_threads: int = Field(0, ge=0, description="threads that decode uploads and encode answers (0: one per CPU core)")
     max_interpolate_steps: int = Field(32, ge=2, le=256, description="largest `steps` of /interpolate")
+    png_level: int = Field(3, ge=0, le=9, description="zlib effort of PNG answers: 0 fastest and largest, 9 smallest and slowest")
 
     # --- batching -----------------------------------------------------------------------------------------------
     max_batch: int = Field(32, ge=1, description="most images per model call")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more work once it has some")
     queue_size: int = Field(256, ge=1, description="model jobs waiting per model before requests get 503")
+    request_timeout_s: float = Field(30.0, ge=0, description="a request not answered this long after it arrived gets "
+                                     "504, and its model job is dropped unless already computing (0: no deadline)")
 
     # --- latent store -------------------------------------------------------------------------------------------
     latent_ttl_s: int = Field(3600, ge=1, description="lifetime of a latent id")

@@ -1,15 +1,23 @@
-"""Model inference throughput: one transfer (both encoders of content and guide, then the decoder) per image,
-inputs already on the device, spectral norm folded into the weights as the service does, at batch 1 (latency) and at a large batch (throughput).
+"""Model inference throughput of a transfer with a known target (the content's common code, the guide's separate
+code, one decode: what `Disentangler.transfer(content, guide, target=1)` computes), inputs already on the device,
+spectral norm folded into the weights as the service does, at batch 1 (latency) and larger batches (throughput),
+beside the published code's way of computing it (`bench/reference.py`: the same two encoders and decoder at the
+published widths, its spectral norm's power iteration on every forward) in the same run.
 
-    python -m bench.inference [--device auto] [--configs paper:128 slim:128] [--batches 1 256]
+    python -m bench.inference [--device auto] [--configs paper:128 slim:64] [--batches 1 16 256] [--rounds 5]
 
-The published code's anchors on one H100 (fp32 eager, 128 px): 4.2 ms per transfer at batch 1 and 21,900
-images/s at batch 256. Precisions: fp32, and on CUDA also fp16 and bf16 (weights and activations cast, as the
-service's DID_DTYPE does)."""
+Variants: fp32; fp32 in channels_last; bf16 (on the CPU under autocast where the CPU has AVX512-BF16 or AMX, on
+CUDA weights and activations cast, as DID_DTYPE does) and fp16 on CUDA. The variants run interleaved, one short
+timed window each per round, and each cell is the median over the rounds, so a noisy shared machine slows all of
+them alike. The published code's anchors on one H100 (fp32 eager, 128 px): 4.2 ms per transfer at batch 1 and
+21,900 images/s at batch 256."""
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from contextlib import nullcontext
+from typing import Callable
 
 import torch
 
@@ -19,61 +27,117 @@ from models.disentangler import Disentangler
 from models.networks import bake_spectral_norm
 from training.markdown import table
 
+from .reference import ReferenceNets
 from .report import sync, write_section
 
 PUBLISHED_H100 = {1: 4.2, 256: 21_900.0}  # ms per transfer at batch 1; images/s at batch 256
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated and slow."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(c()) for c in checks if c is not None)
 
-@torch.no_grad()
-def measure(width: str, size: int, batch: int, dtype: torch.dtype, device: torch.device, seconds: float) -> dict[str, float]:
-    model = bake_spectral_norm(Disentangler(preset(width, image_size=size)).eval()).to(device=device, dtype=dtype)
+
+def variants(device: torch.device) -> dict[str, tuple[torch.dtype, bool, bool]]:
+    """name -> (dtype of weights and inputs, channels_last, CPU bf16 autocast)."""
+    out = {"fp32": (torch.float32, False, False), "fp32 channels_last": (torch.float32, True, False)}
+    if device.type == "cuda":
+        out |= {"fp16": (torch.float16, False, False), "bf16": (torch.bfloat16, False, False),
+                "bf16 channels_last": (torch.bfloat16, True, False)}
+    elif cpu_has_bf16():
+        out |= {"bf16 autocast": (torch.float32, False, True), "bf16 autocast channels_last": (torch.float32, True, True)}
+    return out
+
+
+def _inputs(batch: int, size: int, device: torch.device, dtype: torch.dtype, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device="cpu").manual_seed(0)
-    content = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device, dtype)
-    guide = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device, dtype)
-    for _ in range(3):
-        model.transfer(content, guide, target=1)
-    sync(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return tuple((torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device, dtype).contiguous(memory_format=fmt)
+                 for _ in range(2))
+
+
+def runner(kind: str, width: str, size: int, batch: int, device: torch.device, spec: tuple[torch.dtype, bool, bool]) -> Callable[[], None]:
+    """A function that computes one batch of transfers (`kind`: 'ours' or 'reference')."""
+    dtype, channels_last, autocast = spec
+    content, guide = _inputs(batch, size, device, dtype, channels_last)
+    if kind == "reference":
+        ref = ReferenceNets().eval().to(device=device, dtype=dtype)
+        return lambda: ref.transfer(content, guide)
+    model = bake_spectral_norm(Disentangler(preset(width, image_size=size)).eval()).to(device=device, dtype=dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else nullcontext
+
+    def run() -> None:
+        with ctx():
+            model.transfer(content, guide, target=1)
+    return run
+
+
+def timed(fn: Callable[[], None], device: torch.device, seconds: float) -> float:
+    """Seconds per call over a window of about `seconds` (at least 2 calls)."""
     runs, t0 = 0, time.perf_counter()
     while True:
-        model.transfer(content, guide, target=1)
+        fn()
         runs += 1
-        if runs % 5 == 0:
+        if runs >= 2:
             sync(device)
             if time.perf_counter() - t0 >= seconds:
-                break
-    dt = (time.perf_counter() - t0) / runs
-    return {"ms_per_batch": dt * 1000, "images_per_s": batch / dt}
+                return (time.perf_counter() - t0) / runs
+
+
+@torch.inference_mode()
+def measure(cells: dict[tuple, Callable[[], None]], device: torch.device, rounds: int, seconds: float) -> dict[tuple, float]:
+    """Median seconds per call of each cell, the cells interleaved within every round."""
+    for fn in cells.values():  # warm-up
+        fn()
+        fn()
+    sync(device)
+    times: dict[tuple, list[float]] = {k: [] for k in cells}
+    for _ in range(rounds):
+        for key, fn in cells.items():
+            times[key].append(timed(fn, device, seconds))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
-    p.add_argument("--configs", nargs="+", default=["paper:128", "slim:128", "slim:64"], help="WIDTH:SIZE entries")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
-    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement")
+    p.add_argument("--configs", nargs="+", default=["paper:128", "slim:64"], help="WIDTH:SIZE entries")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each cell is the median")
+    p.add_argument("--seconds", type=float, default=0.5, help="timed seconds per cell and round")
+    p.add_argument("--no-write", action="store_true", help="print the table without writing docs/benchmarks.md")
     args = p.parse_args()
     device = resolve_device(args.device)
-    dtypes = {"fp32": torch.float32}
-    if device.type == "cuda":
-        dtypes |= {"fp16": torch.float16, "bf16": torch.bfloat16}
+    specs = variants(device)
     rows = []
-    for spec in args.configs:
-        width, size = spec.split(":")
-        for name, dtype in dtypes.items():
-            for batch in args.batches:
-                r = measure(width, int(size), batch, dtype, device, args.seconds)
+    for entry in args.configs:
+        width, size = entry.split(":")
+        paper = width == "paper" and int(size) == 128
+        for batch in args.batches:
+            cells = {("ours", name): runner("ours", width, int(size), batch, device, spec) for name, spec in specs.items()}
+            if paper:
+                cells[("reference", "fp32")] = runner("reference", width, int(size), batch, device, specs["fp32"])
+            t = measure(cells, device, args.rounds, args.seconds)
+            ref = t.get(("reference", "fp32"))
+            for (kind, name), s in t.items():
                 anchor = "n/a"
-                if device.type == "cuda" and spec == "paper:128" and batch in PUBLISHED_H100:
-                    anchor = (f"{PUBLISHED_H100[1] / r['ms_per_batch']:.2f}x" if batch == 1
-                              else f"{r['images_per_s'] / PUBLISHED_H100[256]:.2f}x")
-                rows.append([width, size, name, batch, f"{r['ms_per_batch']:.2f}", f"{r['images_per_s']:,.0f}", anchor])
+                if device.type == "cuda" and paper and batch in PUBLISHED_H100:
+                    anchor = f"{PUBLISHED_H100[1] / (s * 1000):.2f}x" if batch == 1 else f"{batch / s / PUBLISHED_H100[256]:.2f}x"
+                label = "published code's way (bench/reference.py)" if kind == "reference" else "Disentangler.transfer"
+                rows.append([width, size, label, name, batch, f"{s * 1000:.2f}", f"{batch / s:,.0f}",
+                             f"{ref / s:.2f}x" if ref else "n/a", anchor])
                 print(rows[-1], flush=True)
-    body = table(["width", "px", "precision", "batch", "ms/batch", "images/s",
+    body = table(["width", "px", "computed by", "precision", "batch", "ms/batch", "images/s", "vs the published code's way",
                   "vs published code on one H100 (4.2 ms at batch 1, 21,900 images/s at 256)"], rows)
     print(body)
-    write_section("inference", "Transfer inference throughput", body + "\n\nInputs already on the device; "
-                  "one transfer = content and guide through the three encoders, then the decoder.\n")
+    if not args.no_write:
+        write_section("inference", "Transfer inference throughput", body + (
+            f"\n\nInputs already on the device; one transfer with a known target = the content's common code, the "
+            f"guide's separate code, one decode. Each cell is the median of {args.rounds} interleaved rounds of "
+            f"{args.seconds} s.\n"))
 
 
 if __name__ == "__main__":

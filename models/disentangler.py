@@ -17,10 +17,15 @@ the edits of input images (`transfer`, `intersect`, `remove`) go through `render
 attributes being replaced from the input image by their masks, then pastes the new attribute through its mask onto
 the input image itself, so pixels outside the attribute's region stay the input's. `segment` returns the masks.
 An `Edit` describes one such edit on codes, so the service's batcher can render many requests in one call.
+
+Each edit computes only what it reads. `encode(x, parts)` runs only the encoders named in `parts` (the codes not
+asked for are None), the `*_parts` methods say which codes of each input an edit reads, and `render` decodes only
+the rows its Edit uses: a plain transfer with a known target is E_c(content), one separate encoder on the guide and
+one decode, where encoding both images fully would run six encoder passes.
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Iterable, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -34,19 +39,34 @@ Attribute = Literal["a", "b", "both"]
 REMOVAL_THRESHOLD = 0.1  # the mask paper's removal replaces the pixels whose mask exceeds this
 
 
+Part = Literal["common", "a", "b"]
+PARTS: tuple[Part, ...] = ("common", "a", "b")  # the encoders E_c, E_sA, E_sB, in the order of Codes' fields
+
+
 class Codes(NamedTuple):
-    """The three codes of a batch, each (N, C, 2, 2)."""
+    """The three codes of a batch, each (N, C, 2, 2); a code that was not computed (`encode`'s `parts`) is None."""
 
     common: torch.Tensor
     sep_a: torch.Tensor
     sep_b: torch.Tensor
 
     def index(self, idx: slice | torch.Tensor | int) -> "Codes":
-        return Codes(*(t[idx] for t in self))
+        return Codes(*(None if t is None else t[idx] for t in self))
 
     @staticmethod
     def cat(parts: "list[Codes]") -> "Codes":
-        return Codes(*(torch.cat(ts) for ts in zip(*parts)))
+        out = []
+        for name, ts in zip(Codes._fields, zip(*parts)):
+            missing = sum(t is None for t in ts)
+            if 0 < missing < len(ts):
+                raise ValueError(f"cannot concatenate codes where some batches lack the {name} code")
+            out.append(None if missing else torch.cat(ts))
+        return Codes(*out)
+
+    @property
+    def parts(self) -> frozenset[Part]:
+        """The codes present."""
+        return frozenset(name for name, t in zip(PARTS, self) if t is not None)
 
 
 class Edit(NamedTuple):
@@ -98,6 +118,20 @@ def _column(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1, 1, 1, 1)
 
 
+def _as_parts(parts: Iterable[str]) -> frozenset[Part]:
+    out = frozenset(parts)
+    if not out <= set(PARTS):
+        raise ValueError(f"parts must be among {PARTS}, not {sorted(out)}")
+    return out  # type: ignore[return-value]
+
+
+def _values(option: bool | float | int | str | torch.Tensor) -> set:
+    """The distinct values of a scalar or (N,) option, as Python values (what an edit's `*_parts` decide on)."""
+    if isinstance(option, torch.Tensor):
+        return set(option.flatten().tolist())
+    return {option}
+
+
 class Disentangler(nn.Module):
     """E_c, E_sA, E_sB and G of one trained model, with the method's edits as batched operations."""
 
@@ -115,10 +149,13 @@ class Disentangler(nn.Module):
 
     # --- the two primitives -------------------------------------------------------------------------------------
 
-    def encode(self, x: torch.Tensor) -> Codes:
-        """Images (N, 3, S, S) in [-1, 1] -> Codes."""
+    def encode(self, x: torch.Tensor, parts: Iterable[Part] = PARTS) -> Codes:
+        """Images (N, 3, S, S) in [-1, 1] -> Codes, running only the encoders of `parts` ('common', 'a', 'b'); the
+        codes not asked for are None."""
         self._check_images(x)
-        return Codes(self.enc_common(x), self.enc_a(x), self.enc_b(x))
+        want = _as_parts(parts)
+        return Codes(*(enc(x) if name in want else None
+                       for name, enc in zip(PARTS, (self.enc_common, self.enc_a, self.enc_b))))
 
     def decode_parts(
         self, common: torch.Tensor, sep_a: torch.Tensor | None = None, sep_b: torch.Tensor | None = None
@@ -171,7 +208,9 @@ class Disentangler(nn.Module):
         return torch.stack([codes.sep_a.abs().flatten(1).mean(1), codes.sep_b.abs().flatten(1).mean(1)], dim=1)
 
     def detect(self, codes: Codes) -> torch.Tensor:
-        """(N,) long: 0 where the image looks like domain a, 1 like domain b."""
+        """(N,) long: 0 where the image looks like domain a, 1 like domain b (reads both separate codes)."""
+        if codes.sep_a is None or codes.sep_b is None:
+            raise ValueError("detecting the domain reads both separate codes; encode with parts 'a' and 'b'")
         return self.domain_scores(codes).argmax(dim=1)
 
     def transfer(
@@ -186,10 +225,19 @@ class Disentangler(nn.Module):
         None to detect it from the guide's codes). The content's own attribute of the other domain is removed
         unless `keep`. `strength` scales the added code. Returns (N, 3, S, S)."""
         n = content.shape[0]
-        codes = self.encode(torch.cat([content, guide]))
-        c, g = codes.index(slice(0, n)), codes.index(slice(n, 2 * n))
-        target_t = self.detect(g) if target is None else self._target(target, n, content.device)
-        return self.render(content, self.transfer_edit(c, g, target_t, strength, keep))[0]
+        target_t = None if target is None else self._target(target, n, content.device)
+        content_parts, guide_parts = self.transfer_parts(target_t, keep)
+        c, g = self.encode(content, content_parts), self.encode(guide, guide_parts)
+        return self.render(content, self.transfer_edit(c, g, self.detect(g) if target_t is None else target_t, strength, keep))[0]
+
+    def transfer_parts(self, target: int | torch.Tensor | None, keep: bool | torch.Tensor = False) -> tuple[frozenset[Part], frozenset[Part]]:
+        """The codes a transfer reads, (of the content, of the guide). The guide: the target domain's separate code
+        (both when the target is detected from them). The content: its common code, and its own code of the
+        other domain where it is kept (`keep`) or, in a mask model, removed through its mask."""
+        targets = {0, 1} if target is None else _values(target)
+        own = self.config.has_mask or True in _values(keep)
+        other = {"b" if t == 0 else "a" for t in targets} if own else set()
+        return _as_parts({"common", *other}), _as_parts({"a" if t == 0 else "b" for t in targets})
 
     def transfer_edit(
         self, content: Codes, guide: Codes, target: torch.Tensor, strength: float | torch.Tensor = 1.0, keep: bool | torch.Tensor = False
@@ -200,29 +248,38 @@ class Disentangler(nn.Module):
         device = content.common.device
         to_a = target == 0
         k = _flags(keep, n, device)
-        return Edit(self.transfer_codes(content, guide, target, strength, keep), content, ~to_a & ~k, to_a & ~k,
-                    _flags(True, n, device), _flags(REMOVAL_THRESHOLD, n, device, content.common.dtype), _flags(False, n, device))
+        return self._edit(self.transfer_codes(content, guide, target, strength, keep), content, ~to_a & ~k, to_a & ~k,
+                          _flags(True, n, device), _flags(REMOVAL_THRESHOLD, n, device, content.common.dtype),
+                          _flags(False, n, device))
 
     def transfer_codes(
         self, content: Codes, guide: Codes, target: torch.Tensor, strength: float | torch.Tensor = 1.0, keep: bool | torch.Tensor = False
     ) -> Codes:
         """The recombination behind `transfer`, on codes already computed (target: (N,) of 0/1)."""
         n = content.common.shape[0]
-        to_a = _per_image(target == 0, n, content.common)
+        to_a_flag, keep_flag = target == 0, _flags(keep, n, content.common.device)
+        to_a = _per_image(to_a_flag, n, content.common)
         s = _per_image(strength, n, content.common)
         k = _per_image(keep, n, content.common)
-        sep_a = to_a * s * guide.sep_a + (1 - to_a) * k * content.sep_a
-        sep_b = (1 - to_a) * s * guide.sep_b + to_a * k * content.sep_b
+        sep_a = (to_a * s * self._code(guide, "sep_a", to_a_flag, "a transfer to domain a")
+                 + (1 - to_a) * k * self._code(content, "sep_a", ~to_a_flag & keep_flag, "keeping the content's attribute"))
+        sep_b = ((1 - to_a) * s * self._code(guide, "sep_b", ~to_a_flag, "a transfer to domain b")
+                 + to_a * k * self._code(content, "sep_b", to_a_flag & keep_flag, "keeping the content's attribute"))
         return Codes(content.common, sep_a, sep_b)
 
     def intersect(
         self, content: torch.Tensor, guide_a: torch.Tensor, guide_b: torch.Tensor, strength: float | torch.Tensor = 1.0
     ) -> torch.Tensor:
         """G(E_c(content), E_sA(guide_a), E_sB(guide_b)): one face with a's attribute and b's at once."""
-        n = content.shape[0]
-        codes = self.encode(torch.cat([content, guide_a, guide_b]))
-        return self.render(content, self.intersect_edit(codes.index(slice(0, n)), codes.index(slice(n, 2 * n)),
-                                                        codes.index(slice(2 * n, None)), strength))[0]
+        parts = self.intersect_parts()
+        return self.render(content, self.intersect_edit(*(self.encode(x, p) for x, p in zip((content, guide_a, guide_b), parts)),
+                                                        strength))[0]
+
+    def intersect_parts(self) -> tuple[frozenset[Part], frozenset[Part], frozenset[Part]]:
+        """The codes an intersection reads, (of the content, of guide_a, of guide_b): the content's common code
+        (and, in a mask model, both its separate codes, whose masks remove its own attributes), guide_a's code a,
+        guide_b's code b."""
+        return (_as_parts(PARTS if self.config.has_mask else ("common",)), _as_parts(("a",)), _as_parts(("b",)))
 
     def intersect_edit(self, content: Codes, guide_a: Codes, guide_b: Codes, strength: float | torch.Tensor = 1.0) -> Edit:
         """The Edit behind `intersect`; a mask model removes both of the content's attributes before pasting."""
@@ -230,8 +287,8 @@ class Disentangler(nn.Module):
         device = content.common.device
         s = _per_image(strength, n, content.common)
         yes = _flags(True, n, device)
-        return Edit(Codes(content.common, s * guide_a.sep_a, s * guide_b.sep_b), content, yes, yes, yes,
-                    _flags(REMOVAL_THRESHOLD, n, device, content.common.dtype), _flags(False, n, device))
+        return self._edit(Codes(content.common, s * guide_a.sep_a, s * guide_b.sep_b), content, yes, yes, yes,
+                          _flags(REMOVAL_THRESHOLD, n, device, content.common.dtype), _flags(False, n, device))
 
     def remove(
         self, x: torch.Tensor, attribute: Attribute | torch.Tensor = "both", threshold: float | torch.Tensor = REMOVAL_THRESHOLD,
@@ -242,7 +299,18 @@ class Disentangler(nn.Module):
         A plain model decodes without the code(s). A mask model keeps the input's pixels and replaces only the
         attribute's region (its mask m; the larger of both masks for 'both') by the attribute-free decode
         G(E_c(x), 0, 0): where m > threshold (hard, the paper's removal), or m * G + (1 - m) * x (soft)."""
-        return self.render(x, self.remove_edit(self.encode(x), attribute, threshold, soft))[0]
+        return self.render(x, self.remove_edit(self.encode(x, self.remove_parts(attribute)), attribute, threshold, soft))[0]
+
+    def remove_parts(self, attribute: Attribute | torch.Tensor | None = "both") -> frozenset[Part]:
+        """The codes a removal reads (None: the attribute is detected, so both separate codes): the common code,
+        and of a plain model the separate codes it keeps, of a mask model those it removes (their masks)."""
+        if attribute is None:
+            return _as_parts(PARTS)
+        parts = {"common"}
+        for v in _values(attribute):  # 0 or 'a', 1 or 'b', 2 or 'both'
+            dropped = {0: {"a"}, 1: {"b"}, 2: {"a", "b"}}[("a", "b", "both").index(v) if isinstance(v, str) else int(v)]
+            parts |= dropped if self.config.has_mask else {"a", "b"} - dropped
+        return _as_parts(parts)
 
     def remove_edit(
         self, codes: Codes, attribute: Attribute | torch.Tensor = "both", threshold: float | torch.Tensor = REMOVAL_THRESHOLD,
@@ -252,35 +320,46 @@ class Disentangler(nn.Module):
         n = codes.common.shape[0]
         device = codes.common.device
         drop_a, drop_b = self._drops(attribute, n, device)
-        return Edit(self.remove_codes(codes, attribute), codes, drop_a, drop_b, _flags(False, n, device),
-                    _flags(threshold, n, device, codes.common.dtype), _flags(soft, n, device))
+        new = self.remove_codes(codes, attribute) if not self.config.has_mask else codes  # a mask removal pastes nothing
+        return self._edit(new, codes, drop_a, drop_b, _flags(False, n, device),
+                          _flags(threshold, n, device, codes.common.dtype), _flags(soft, n, device))
 
     def remove_codes(self, codes: Codes, attribute: Attribute | torch.Tensor = "both") -> Codes:
         n = codes.common.shape[0]
         drop_a, drop_b = self._drops(attribute, n, codes.common.device)
         keep_a, keep_b = _per_image(~drop_a, n, codes.common), _per_image(~drop_b, n, codes.common)
-        return Codes(codes.common, keep_a * codes.sep_a, keep_b * codes.sep_b)
+        return Codes(codes.common, keep_a * self._code(codes, "sep_a", ~drop_a, "a removal that keeps attribute a"),
+                     keep_b * self._code(codes, "sep_b", ~drop_b, "a removal that keeps attribute b"))
 
     def render(self, x: torch.Tensor, edit: Edit) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Carry out an Edit of images x (N, 3, S, S): (edited images, masks (N, 1, S, S) or None for plain).
 
-        A mask model's mask is the pasted attribute's where `paste`, else the removed region's. Four decodes
-        (attribute-free base, a's mask, b's mask, the edited codes) run as one decoder call."""
+        A mask model's mask is the pasted attribute's where `paste`, else the removed region's. One decoder call
+        decodes what the rows read: every row's attribute-free base G(c, 0, 0), the mask of a's code where a is
+        dropped, of b's where b is, and the edited codes where something is pasted."""
         if not self.config.has_mask:
             return self.decode(*edit.codes), None
-        n = x.shape[0]
         src, new = edit.source, edit.codes
+        rows = {"a": edit.drop_a.nonzero().squeeze(1), "b": edit.drop_b.nonzero().squeeze(1),
+                "new": edit.paste.nonzero().squeeze(1)}
         zeros = torch.zeros_like(src.sep_a)
-        rgb, mask = self.decode_parts(
-            torch.cat([src.common, src.common, src.common, new.common]),
-            torch.cat([zeros, src.sep_a, zeros, new.sep_a]),
-            torch.cat([zeros, zeros, src.sep_b, new.sep_b]),
-        )
-        base, mask_a, mask_b = rgb[:n], mask[n : 2 * n], mask[2 * n : 3 * n]
-        dropped = torch.maximum(mask_a * _column(edit.drop_a), mask_b * _column(edit.drop_b))
+        # (name, common, sep_a, sep_b) of each decode, one decoder call for all
+        wanted = [("base", src.common, zeros, zeros),
+                  ("a", src.common[rows["a"]], src.sep_a[rows["a"]], zeros[rows["a"]]),
+                  ("b", src.common[rows["b"]], zeros[rows["b"]], src.sep_b[rows["b"]]),
+                  ("new", new.common[rows["new"]], new.sep_a[rows["new"]], new.sep_b[rows["new"]])]
+        rgb, mask = self.decode_parts(*(torch.cat(ts) for ts in list(zip(*wanted))[1:]))
+        decoded = dict(zip((w[0] for w in wanted), zip(rgb.split([len(w[1]) for w in wanted]),
+                                                       mask.split([len(w[1]) for w in wanted]))))
+        base = decoded["base"][0]
+
+        def full(name: str, t: torch.Tensor) -> torch.Tensor:  # the decoded rows back in place, zeros elsewhere
+            return t.new_zeros((x.shape[0], *t.shape[1:])).index_copy(0, rows[name], t)
+
+        dropped = torch.maximum(full("a", decoded["a"][1]), full("b", decoded["b"][1]))
         removed = torch.where(_column(edit.soft), dropped * base + (1 - dropped) * x,
                               torch.where(dropped > _column(edit.threshold).to(dropped.dtype), base, x))
-        rgb_new, mask_new = rgb[3 * n :], mask[3 * n :]
+        rgb_new, mask_new = full("new", decoded["new"][0]), full("new", decoded["new"][1])
         pasted = mask_new * rgb_new + (1 - mask_new) * removed
         paste = _column(edit.paste)
         return torch.where(paste, pasted, removed), torch.where(paste, mask_new, dropped)
@@ -292,9 +371,11 @@ class Disentangler(nn.Module):
             raise ValueError("this is a plain model: only mask-variant models predict attribute masks")
         n = codes.common.shape[0]
         drop_a, drop_b = self._drops(attribute, n, codes.common.device)
-        zeros = torch.zeros_like(codes.sep_a)
-        _, mask = self.decode_parts(torch.cat([codes.common, codes.common]), torch.cat([codes.sep_a, zeros]),
-                                    torch.cat([zeros, codes.sep_b]))
+        sep_a = self._code(codes, "sep_a", drop_a, "the mask of attribute a")
+        sep_b = self._code(codes, "sep_b", drop_b, "the mask of attribute b")
+        zeros = torch.zeros_like(sep_a)
+        _, mask = self.decode_parts(torch.cat([codes.common, codes.common]), torch.cat([sep_a, zeros]),
+                                    torch.cat([zeros, sep_b]))
         return torch.maximum(mask[:n] * _column(drop_a), mask[n:] * _column(drop_b))
 
     def segment(self, x: torch.Tensor, attribute: Literal["auto", "a", "b", "both"] | torch.Tensor = "auto") -> torch.Tensor:
@@ -302,8 +383,9 @@ class Disentangler(nn.Module):
         x. 'auto' segments the attribute of the domain each image is detected as. Plain models raise ValueError."""
         if not self.config.has_mask:
             raise ValueError("this is a plain model: segmentation needs a mask-variant model")
-        codes = self.encode(x)
-        return self.attribute_masks(codes, self.detect(codes) if isinstance(attribute, str) and attribute == "auto" else attribute)
+        auto = isinstance(attribute, str) and attribute == "auto"
+        codes = self.encode(x, self.remove_parts(None if auto else attribute))
+        return self.attribute_masks(codes, self.detect(codes) if auto else attribute)
 
     def interpolate(self, start: Codes, end: Codes, steps: int, space: Space = "all") -> torch.Tensor:
         """Decode the straight path from `start` to `end` in one code space, the others held at `start`.
@@ -335,6 +417,32 @@ class Disentangler(nn.Module):
             attribute = {"a": 0, "b": 1, "both": 2}[attribute]
         which = _flags(attribute, n, device, torch.long)
         return (which == 0) | (which == 2), (which == 1) | (which == 2)
+
+    def _code(self, codes: Codes, field: str, used: torch.Tensor, what: str) -> torch.Tensor:
+        """codes.<field>, or zeros where it was not computed and no row uses it (`used`: (N,) bool). A row that
+        reads a code that was not computed is an error, never a silent zero."""
+        t = getattr(codes, field)
+        if t is not None:
+            return t
+        if bool(used.any()):
+            part = {"common": "common", "sep_a": "a", "sep_b": "b"}[field]
+            raise ValueError(f"{what} reads the {field} code, which was not computed (encode with {part!r} in parts)")
+        like = next(t for t in codes if t is not None)
+        return like.new_zeros((like.shape[0], self.config.sep_channels, *like.shape[2:]))
+
+    def _edit(self, new: Codes, source: Codes, drop_a: torch.Tensor, drop_b: torch.Tensor, paste: torch.Tensor,
+              threshold: torch.Tensor, soft: torch.Tensor) -> Edit:
+        """An Edit whose codes are all tensors: a code that was not computed becomes zeros, after checking that no
+        row reads it (a mask model's render reads the source's a and b codes where it drops them, the new codes
+        where it pastes; a plain model's decodes the new codes alone)."""
+        if source.common is None:
+            raise ValueError("an edit reads the input's common code (its attribute-free decode)")
+        reads = self.config.has_mask
+        src = Codes(source.common, self._code(source, "sep_a", drop_a & reads, "removing attribute a"),
+                    self._code(source, "sep_b", drop_b & reads, "removing attribute b"))
+        pasted = Codes(new.common, self._code(new, "sep_a", paste, "pasting the edited codes"),
+                       self._code(new, "sep_b", paste, "pasting the edited codes"))
+        return Edit(pasted, src, drop_a, drop_b, paste, threshold, soft)
 
     def _target(self, target: int | str | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
         if isinstance(target, str):

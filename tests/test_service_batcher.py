@@ -194,32 +194,149 @@ def test_full_queue_answers_503_with_retry_after(service_weights):
     assert 'did_queue_rejected_total{model="smile_glasses"} 1.0' in text
 
 
-def test_edit_jobs_batch_and_fail_alone(tiny_model):
-    """encode -> recombine -> decode in one trip: batched edits equal the core's answer; a failing recombination
-    fails its own request only."""
+def test_render_jobs_encode_only_the_codes_they_read_and_fail_alone(tiny_model):
+    """Render jobs share one call per encoder, and each encoder sees only the images whose codes a job asked for:
+    plain transfers to b run E_c on the contents and E_sB on the guides, never E_sA. Batched answers equal the
+    core's; a failing plan fails its own request only."""
     torch.manual_seed(1)
     xs = [torch.rand(2, 3, 64, 64) * 2 - 1 for _ in range(4)]
+    parts = tiny_model.transfer_parts(1)
+    seen = {name: 0 for name in ("enc_common", "enc_a", "enc_b")}
+    hooks = [getattr(tiny_model, name).register_forward_hook(
+        lambda mod, inp, out, name=name: seen.__setitem__(name, seen[name] + len(inp[0]))) for name in seen]
 
-    def swap(codes):  # row 0's common code with row 1's attributes
-        return tiny_model.transfer_codes(codes.index(slice(0, 1)), codes.index(slice(1, 2)), torch.tensor([1]), 1.0, False), "ok"
+    def plan(codes):
+        c, g = codes
+        assert c.sep_a is None and c.sep_b is None and g.common is None and g.sep_a is None
+        return tiny_model.transfer_edit(c, g, torch.tensor([1])), "ok"
 
     def broken(codes):
-        raise ValueError("bad recombination")
+        raise ValueError("bad plan")
 
     async def go():
         metrics = Metrics()
         b = Batcher("m", tiny_model, max_batch=32, max_wait_ms=50, queue_size=16, metrics=metrics)
         b.start()
         try:
-            return await asyncio.gather(*(b.edit(x, swap) for x in xs), b.edit(xs[0], broken), return_exceptions=True), metrics
+            return await asyncio.gather(*(b.render(x, plan, parts) for x in xs), b.render(xs[0], broken, parts),
+                                        return_exceptions=True), metrics
         finally:
             await b.stop()
 
-    results, metrics = run(go())
+    try:
+        results, metrics = run(go())
+    finally:
+        for h in hooks:
+            h.remove()
     assert isinstance(results[-1], ValueError)
+    assert seen == {"enc_common": len(xs) + 1, "enc_a": 0, "enc_b": len(xs) + 1}
     calls = {s.labels["kind"]: s.value for m in metrics.batch_size.collect() for s in m.samples if s.name == "did_batch_size_count"}
     assert calls["encode"] < len(xs)  # shared encode calls
     with torch.inference_mode():
-        for x, (image, extra) in zip(xs, results[:-1]):
-            assert extra == "ok"
+        for x, (image, mask, extra) in zip(xs, results[:-1]):
+            assert extra == "ok" and mask is None
             assert torch.allclose(image, tiny_model.transfer(x[:1], x[1:], target=1), atol=1e-5)
+
+
+# --- deadlines, clients that go away, where the time goes -----------------------------------------------------------
+
+
+def _encoded_rows(model) -> tuple[dict[str, int], list]:
+    """Images each encoder has seen since the call, and the hooks that count them (remove when done)."""
+    seen = {"enc_common": 0, "enc_a": 0, "enc_b": 0}
+    return seen, [getattr(model, k).register_forward_hook(lambda mod, inp, out, k=k: seen.__setitem__(k, seen[k] + len(inp[0])))
+                  for k in seen]
+
+
+def test_a_request_past_its_deadline_answers_504_and_its_job_never_reaches_the_model(service_weights):
+    async def go(app, client):
+        entry = app.state.registry.get(None)
+        seen, hooks = _encoded_rows(entry.model)
+        try:
+            gate, blocker = await hold(entry.batcher)
+            late = await client.post("/transfer", files=_multipart(0))  # waits behind the blocked model thread
+            gate.set()
+            await blocker
+            await asyncio.sleep(0.1)  # the worker gathers (and drops) the late job
+            encoded = dict(seen)
+            ok = await client.post("/transfer", files=_multipart(1))
+            return late, encoded, ok, (await client.get("/metrics")).text
+        finally:
+            for h in hooks:
+                h.remove()
+
+    late, encoded, ok, text = run(_with_app(Settings(weights=service_weights, request_timeout_s=0.3, max_wait_ms=0), go))
+    assert late.status_code == 504 and late.headers["content-type"] == "application/problem+json"
+    assert late.json()["type"].endswith("/timeout") and "DID_REQUEST_TIMEOUT_S" in late.json()["detail"]
+    assert encoded == {"enc_common": 0, "enc_a": 0, "enc_b": 0}
+    assert ok.status_code == 200
+    assert 'did_jobs_dropped_total{model="smile_glasses",reason="deadline"} 1.0' in text
+    assert 'did_requests_total{method="POST",route="/transfer",status="504"} 1.0' in text
+
+
+def test_a_client_that_disconnects_has_its_job_dropped_before_the_model_call(service_weights):
+    """A real uvicorn server: the client sends a whole /transfer request and closes the socket while its job waits
+    behind a blocked model thread; the job never reaches an encoder."""
+    import socket
+
+    import uvicorn
+
+    from .conftest import free_port
+
+    app = create_app(Settings(weights=service_weights, max_wait_ms=0))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
+    thread.start()
+    try:
+        for _ in range(600):
+            if server.started:
+                break
+            threading.Event().wait(0.05)
+        assert server.started
+        entry = app.state.registry.get(None)
+        seen, hooks = _encoded_rows(entry.model)
+        gate = threading.Event()
+        blocker = asyncio.run_coroutine_threadsafe(entry.batcher.call(lambda m: gate.wait(10)), loop)
+        threading.Event().wait(0.1)
+        request = httpx.Request("POST", "http://x/transfer", files=_multipart(0))
+        body, content_type = request.read(), request.headers["content-type"]
+        queued = lambda: list(entry.batcher._queue._queue)  # noqa: E731  (the jobs waiting, read from this thread)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(f"POST /transfer HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            for _ in range(200):  # until the job waits behind the blocked model thread
+                if queued():
+                    break
+                threading.Event().wait(0.05)
+            assert queued()
+        for _ in range(200):  # until the server has seen the connection close and the request stopped waiting
+            if all(j.future.cancelled() for j in queued()):
+                break
+            threading.Event().wait(0.05)
+        gate.set()
+        blocker.result(10)
+        threading.Event().wait(0.2)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for h in hooks:
+            h.remove()
+    finally:
+        server.should_exit = True
+        thread.join(20)
+    assert seen == {"enc_common": 0, "enc_a": 0, "enc_b": 0}
+    assert 'did_jobs_dropped_total{model="smile_glasses",reason="disconnected"} 1.0' in text
+
+
+def test_stage_metrics_and_the_png_effort_setting(service_weights):
+    async def go(app, client):
+        r = await client.post("/transfer", files=_multipart(2))
+        return r, (await client.get("/metrics")).text
+
+    fast, text = run(_with_app(Settings(weights=service_weights, png_level=0), go))
+    small, _ = run(_with_app(Settings(weights=service_weights, png_level=9), go))
+    for stage in ("decode", "queue", "model", "encode"):
+        assert f'did_stage_duration_seconds_count{{stage="{stage}"}} 1.0' in text
+    assert fast.status_code == small.status_code == 200
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(fast.content))), np.asarray(Image.open(io.BytesIO(small.content))))
+    assert len(fast.content) > len(small.content)

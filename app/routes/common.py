@@ -37,9 +37,9 @@ def headers_for(entry: LoadedModel, meta: dict[str, str]) -> dict[str, str]:
     return headers
 
 
-async def mask_json(mask: torch.Tensor, threshold: float, size: int | None) -> dict[str, Any]:
+async def mask_json(mask: torch.Tensor, threshold: float, size: int | None, png_level: int) -> dict[str, Any]:
     """A (1, S, S) mask as MaskJSON: grayscale PNG (encoded off the event loop), area and bbox at `threshold`."""
-    enc = await imaging.encode_mask_async(mask, "png", size)
+    enc = await imaging.encode_async(imaging.encode_mask, mask, "png", size, png_level)
     area, bbox = imaging.mask_extent(mask, threshold, size)
     return {**imaging.as_json(enc), "threshold": threshold, "area": area, "bbox": bbox}
 
@@ -51,11 +51,11 @@ async def image_response(image: torch.Tensor, out: Output, entry: LoadedModel, m
     `mask` (a (1, S, S) mask and the threshold of its area) adds the edit's mask: as MaskJSON under "mask" in a
     JSON answer; an image answer has room for the image alone, so it only gets the area (X-Mask-Area)."""
     meta = dict(meta or {})
-    enc = await (imaging.encode_path_async(image, out.format, out.size) if path else imaging.encode_async(image, out.format, out.size))
+    enc = await imaging.encode_async(imaging.encode_path if path else imaging.encode, image, out.format, out.size, out.png_level)
     extra: dict[str, Any] = {}
     if mask is not None:
         if out.format == "json":
-            extra["mask"] = await mask_json(mask[0], mask[1], out.size)
+            extra["mask"] = await mask_json(mask[0], mask[1], out.size, out.png_level)
             meta["mask_area"] = f"{extra['mask']['area']:.6f}"
         else:
             meta["mask_area"] = f"{imaging.mask_extent(mask[0], mask[1])[0]:.6f}"

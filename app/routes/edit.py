@@ -1,9 +1,10 @@
 """Edits of uploaded images: move an attribute from a guide onto a content image, remove attributes, or (mask
 models) segment an attribute.
 
-Each is one `render` job of the batcher: encode (one batched model call for the images of many requests) -> the
-core's Edit of each request's codes (`transfer_edit`, `intersect_edit`, `remove_edit`) -> the core's `render` (one
-batched call). A plain model decodes the recombined codes; a mask model pastes the new attribute through its mask
+Each is one `render` job of the batcher: encode (one batched call per encoder for the images of many requests,
+each image encoded only into the codes its edit reads: the core's `transfer_parts`, `intersect_parts`,
+`remove_parts`) -> the core's Edit of each request's codes (`transfer_edit`, `intersect_edit`, `remove_edit`) -> the
+core's `render` (one batched call). A plain model decodes the recombined codes; a mask model pastes the new attribute through its mask
 onto the uploaded image itself, and answers the masks that /segment and `include_mask` return."""
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from models import Codes, Edit
+from models import Codes, Disentangler, Edit
 from models.disentangler import REMOVAL_THRESHOLD
 
 from .. import imaging
@@ -48,11 +49,17 @@ def _which(entry: LoadedModel, attribute: str) -> int | None:
     return None if key == "auto" else 2 if key == "both" else _domain(entry, attribute, "attribute")
 
 
+def _chosen(model: Disentangler, codes: Codes, which: int | None) -> torch.Tensor:
+    """(1,) the attribute an edit of one image works on: `which`, or for auto the domain its codes show."""
+    return model.detect(codes) if which is None else torch.full((1,), which, device=codes.common.device)
+
+
 @router.post("/transfer", response_class=Response, summary="Put the guide's attribute on the content image")
 async def transfer(form: TransferBody, settings: SettingsDep, registry: RegistryDep, accept: AcceptHeader = None) -> Response:
     """G(E_c(content), E_sA(guide), 0) or G(E_c(content), 0, E_sB(guide)) by the guide's (or `target`'s) domain;
     with guide_a and guide_b, the intersection G(E_c(content), E_sA(guide_a), E_sB(guide_b)).
-    Headers X-Detected-Domain (the guide's domain by its codes) and X-Target-Domain (the one transferred)."""
+    Headers X-Target-Domain (the one transferred) and, when no target is given, X-Detected-Domain (the guide's
+    domain by its codes: detecting it reads the guide's other separate code too)."""
     intersection = form.guide_a is not None or form.guide_b is not None
     if intersection:
         if form.guide is not None:
@@ -76,20 +83,24 @@ async def transfer(form: TransferBody, settings: SettingsDep, registry: Registry
     x = await imaging.load_images(uploads, cfg.image_size, form.fit, settings.max_upload_bytes, settings.max_pixels)
     strength, keep = form.strength, form.keep
 
-    def plan(codes: Codes) -> tuple[Edit, int | None]:  # runs in the model's thread, on its device
-        c = codes.index(slice(0, 1))
-        if intersection:  # G(E_c(c), s E_sA(guide_a), s E_sB(guide_b))
-            return model.intersect_edit(c, codes.index(slice(1, 2)), codes.index(slice(2, 3)), strength), None
-        g = codes.index(slice(1, 2))
-        detected = model.detect(g)
-        to = detected if wanted is None else torch.full_like(detected, wanted)
-        return model.transfer_edit(c, g, to, strength, keep), int(detected[0])
+    parts = model.intersect_parts() if intersection else model.transfer_parts(wanted, keep)
 
-    image, mask, detected = await entry.batcher.render(x, plan)
+    def plan(codes: list[Codes]) -> tuple[Edit, int | None]:  # runs in the model's thread, on its device
+        if intersection:  # G(E_c(c), s E_sA(guide_a), s E_sB(guide_b))
+            return model.intersect_edit(*codes, strength), None
+        c, g = codes
+        if wanted is not None:
+            return model.transfer_edit(c, g, torch.full((1,), wanted, device=c.common.device), strength, keep), None
+        detected = model.detect(g)
+        return model.transfer_edit(c, g, detected, strength, keep), int(detected[0])
+
+    image, mask, detected = await entry.batcher.render(x, plan, parts)
     if intersection:
         meta = {"target_domain": f"{cfg.domain_a}+{cfg.domain_b}"}
+    elif detected is None:
+        meta = {"target_domain": entry.domains[wanted]}
     else:
-        meta = {"detected_domain": entry.domains[detected], "target_domain": entry.domains[detected if wanted is None else wanted]}
+        meta = {"detected_domain": entry.domains[detected], "target_domain": entry.domains[detected]}
     shown = (mask[0], TRANSFER_MASK_THRESHOLD) if form.include_mask and mask is not None else None
     return await image_response(image[0], out, entry, meta, mask=shown)
 
@@ -98,7 +109,7 @@ async def transfer(form: TransferBody, settings: SettingsDep, registry: Registry
 async def remove_attribute(form: RemoveBody, settings: SettingsDep, registry: RegistryDep, accept: AcceptHeader = None) -> Response:
     """Plain models: G(E_c(x), 0, E_sB(x)) (attribute a), G(E_c(x), E_sA(x), 0) (b), G(E_c(x), 0, 0) (both).
     Mask models keep the upload's pixels and replace only where the attribute's mask exceeds `threshold` (or blend
-    by it with `soft`) with G(E_c(x), 0, 0). Header X-Removed."""
+    by it with `soft`) with G(E_c(x), 0, 0). Header X-Removed, and X-Detected-Domain for attribute=auto."""
     entry = registry.get(form.model)
     out = output(settings, form.format, accept, form.size)
     which = _which(entry, form.attribute)
@@ -110,16 +121,16 @@ async def remove_attribute(form: RemoveBody, settings: SettingsDep, registry: Re
     cfg, model = entry.config, entry.model
     x = await imaging.load_images([("image", form.image)], cfg.image_size, form.fit, settings.max_upload_bytes, settings.max_pixels)
 
-    def plan(codes: Codes) -> tuple[Edit, tuple[int, int]]:  # runs in the model's thread, on its device
-        detected = model.detect(codes)
-        dropped = detected if which is None else torch.full_like(detected, which)
-        return model.remove_edit(codes, dropped, threshold, soft), (int(detected[0]), int(dropped[0]))
+    def plan(codes: list[Codes]) -> tuple[Edit, int]:  # runs in the model's thread, on its device
+        dropped = _chosen(model, codes[0], which)
+        return model.remove_edit(codes[0], dropped, threshold, soft), int(dropped[0])
 
-    result, mask, (detected, dropped) = await entry.batcher.render(x, plan)
-    removed = "+".join(entry.domains) if dropped == 2 else entry.domains[dropped]
+    result, mask, dropped = await entry.batcher.render(x, plan, (model.remove_parts(which),))
+    meta = {"detected_domain": entry.domains[dropped]} if which is None else {}
+    meta["removed"] = "+".join(entry.domains) if dropped == 2 else entry.domains[dropped]
     # the area of a hard removal counts the pixels it replaced; a soft one's, those mostly replaced
     shown = (mask[0], 0.5 if soft else threshold) if form.include_mask and mask is not None else None
-    return await image_response(result[0], out, entry, {"detected_domain": entry.domains[detected], "removed": removed}, mask=shown)
+    return await image_response(result[0], out, entry, meta, mask=shown)
 
 
 SEGMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -133,7 +144,7 @@ async def segment(form: SegmentBody, settings: SettingsDep, registry: RegistryDe
     """The mask model's weakly supervised segmentation: where the image shows the attribute of domain `attribute`
     (auto: the detected domain; both: either). A grayscale image (255 = attribute) at the model's resolution or
     `size`; as JSON (SegmentJSON) the PNG in base64 with the area and bounding box of the pixels above `threshold`.
-    Headers X-Detected-Domain, X-Attribute, X-Mask-Area. A plain model answers 400."""
+    Headers X-Attribute, X-Mask-Area, and X-Detected-Domain for attribute=auto. A plain model answers 400."""
     entry = registry.get(form.model)
     _needs_mask(entry, "/segment")
     out = output(settings, form.format, accept, form.size)
@@ -142,19 +153,18 @@ async def segment(form: SegmentBody, settings: SettingsDep, registry: RegistryDe
     x = await imaging.load_images([("image", form.image)], entry.config.image_size, form.fit, settings.max_upload_bytes,
                                   settings.max_pixels)
 
-    def plan(codes: Codes) -> tuple[Edit, tuple[int, int]]:  # the mask of a removal is the attribute's mask
-        detected = model.detect(codes)
-        segmented = detected if which is None else torch.full_like(detected, which)
-        return model.remove_edit(codes, segmented), (int(detected[0]), int(segmented[0]))
+    def plan(codes: list[Codes]) -> tuple[Edit, int]:  # the mask of a removal is the attribute's mask
+        segmented = _chosen(model, codes[0], which)
+        return model.remove_edit(codes[0], segmented), int(segmented[0])
 
-    _, mask, (detected, segmented) = await entry.batcher.render(x, plan)
+    _, mask, segmented = await entry.batcher.render(x, plan, (model.remove_parts(which),))
     assert mask is not None  # a mask model
-    meta = {"detected_domain": entry.domains[detected],
-            "attribute": "+".join(entry.domains) if segmented == 2 else entry.domains[segmented]}
+    meta = {"detected_domain": entry.domains[segmented]} if which is None else {}
+    meta["attribute"] = "+".join(entry.domains) if segmented == 2 else entry.domains[segmented]
     if out.format == "json":
-        body = await mask_json(mask[0], form.threshold, out.size)
+        body = await mask_json(mask[0], form.threshold, out.size, out.png_level)
         meta["mask_area"] = f"{body['area']:.6f}"
         return JSONResponse({**body, "model": entry.name, "meta": meta}, headers=headers_for(entry, meta))
-    enc = await imaging.encode_mask_async(mask[0], out.format, out.size)
+    enc = await imaging.encode_async(imaging.encode_mask, mask[0], out.format, out.size, out.png_level)
     meta["mask_area"] = f"{imaging.mask_extent(mask[0], form.threshold)[0]:.6f}"
     return Response(enc.body, media_type=enc.media_type, headers=headers_for(entry, meta))
