@@ -279,6 +279,9 @@ class Batcher:
         return out
 
     def _to_model(self, t: torch.Tensor) -> torch.Tensor:
+        """CPU tensor -> the model's device and dtype; to CUDA through pinned memory, so the copy is asynchronous."""
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            t = t.pin_memory()
         return t.to(self.device, self.dtype, non_blocking=True)
 
     @staticmethod

@@ -12,6 +12,7 @@ import torch
 
 import models
 from models import CheckpointError, Disentangler, resolve_device
+from models import compiled
 from models.checkpoint import DTYPES
 from models.networks import bake_spectral_norm
 
@@ -68,7 +69,7 @@ class Registry:
         for card in cards:
             start = time.perf_counter()
             model = models.load(card, device=device, dtype=dtype)
-            bake_spectral_norm(model)
+            compiled.prepare(bake_spectral_norm(model), settings.compile, settings.max_batch)
             entries.append(LoadedModel(card.stem, card, model, model.card))
             log.info("loaded %s (%s/%s, %d px) on %s in %.2fs", card.name, model.config.domain_a, model.config.domain_b,
                      model.config.image_size, device, time.perf_counter() - start)
@@ -96,7 +97,9 @@ class Registry:
             s = e.config.image_size
             codes = await e.batcher.encode(torch.zeros(rows, 3, s, s))
             await e.batcher.decode(codes)
-            log.info("warmed up %s with a batch of %d in %.2fs", e.name, rows, time.perf_counter() - start)
+            shapes = await e.batcher.call(compiled.warm)  # every fixed batch shape (DID_COMPILE), in the model's thread
+            log.info("warmed up %s with a batch of %d%s in %.2fs", e.name, rows,
+                     f" and {shapes} fixed batch shapes" if shapes else "", time.perf_counter() - start)
         self.ready = True
 
     async def stop(self) -> None:

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     default_model: str | None = Field(None, description="model used when a request names none (default: the first checkpoint by name)")
     torch_threads: int = Field(0, ge=0, description="intra-op threads of torch per process (0: torch's default, one per "
                                "physical core, shared out among the uvicorn workers)")
+    compile: Literal["none", "buckets", "compile"] = Field(
+        "none", description="fixed batch shapes for the networks: buckets pads every model call to a power of two; "
+        "compile also compiles each shape with torch.compile at startup (CUDA graphs on CUDA)")
 
     # --- server -------------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address")

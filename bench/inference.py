@@ -6,8 +6,9 @@ published widths, its spectral norm's power iteration on every forward) in the s
 
     python -m bench.inference [--device auto] [--configs paper:128 slim:64] [--batches 1 16 256] [--rounds 5]
 
-Variants: fp32; fp32 in channels_last; bf16 (on the CPU under autocast where the CPU has AVX512-BF16 or AMX, on
-CUDA weights and activations cast, as DID_DTYPE does) and fp16 on CUDA. The variants run interleaved, one short
+Variants: fp32; fp32 in channels_last; fp32 compiled (`models/compiled.py`: torch.compile at fixed batch shapes,
+CUDA graphs on CUDA, as DID_COMPILE=compile does); bf16 (on the CPU under autocast where the CPU has AVX512-BF16 or
+AMX, on CUDA weights and activations cast, as DID_DTYPE does) and fp16 on CUDA. The variants run interleaved, one short
 timed window each per round, and each cell is the median over the rounds, so a noisy shared machine slows all of
 them alike. The published code's anchors on one H100 (fp32 eager, 128 px): 4.2 ms per transfer at batch 1 and
 21,900 images/s at batch 256."""
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from models import resolve_device
+from models import compiled, resolve_device
 from models.config import preset
 from models.disentangler import Disentangler
 from models.networks import bake_spectral_norm
@@ -39,14 +40,19 @@ def cpu_has_bf16() -> bool:
     return any(bool(c()) for c in checks if c is not None)
 
 
-def variants(device: torch.device) -> dict[str, tuple[torch.dtype, bool, bool]]:
-    """name -> (dtype of weights and inputs, channels_last, CPU bf16 autocast)."""
-    out = {"fp32": (torch.float32, False, False), "fp32 channels_last": (torch.float32, True, False)}
+def variants(device: torch.device, compile_too: bool) -> dict[str, tuple[torch.dtype, bool, bool, bool]]:
+    """name -> (dtype of weights and inputs, channels_last, CPU bf16 autocast, compiled)."""
+    f32 = torch.float32
+    out = {"fp32": (f32, False, False, False), "fp32 channels_last": (f32, True, False, False)}
+    if compile_too:
+        out["fp32 compiled"] = (f32, False, False, True)
     if device.type == "cuda":
-        out |= {"fp16": (torch.float16, False, False), "bf16": (torch.bfloat16, False, False),
-                "bf16 channels_last": (torch.bfloat16, True, False)}
+        out |= {"fp16": (torch.float16, False, False, False), "bf16": (torch.bfloat16, False, False, False),
+                "bf16 channels_last": (torch.bfloat16, True, False, False)}
+        if compile_too:
+            out["bf16 compiled"] = (torch.bfloat16, False, False, True)
     elif cpu_has_bf16():
-        out |= {"bf16 autocast": (torch.float32, False, True), "bf16 autocast channels_last": (torch.float32, True, True)}
+        out |= {"bf16 autocast": (f32, False, True, False), "bf16 autocast channels_last": (f32, True, True, False)}
     return out
 
 
@@ -57,9 +63,9 @@ def _inputs(batch: int, size: int, device: torch.device, dtype: torch.dtype, cha
                  for _ in range(2))
 
 
-def runner(kind: str, width: str, size: int, batch: int, device: torch.device, spec: tuple[torch.dtype, bool, bool]) -> Callable[[], None]:
+def runner(kind: str, width: str, size: int, batch: int, device: torch.device, spec: tuple[torch.dtype, bool, bool, bool]) -> Callable[[], None]:
     """A function that computes one batch of transfers (`kind`: 'ours' or 'reference')."""
-    dtype, channels_last, autocast = spec
+    dtype, channels_last, autocast, compile_it = spec
     content, guide = _inputs(batch, size, device, dtype, channels_last)
     if kind == "reference":
         ref = ReferenceNets().eval().to(device=device, dtype=dtype)
@@ -67,6 +73,9 @@ def runner(kind: str, width: str, size: int, batch: int, device: torch.device, s
     model = bake_spectral_norm(Disentangler(preset(width, image_size=size)).eval()).to(device=device, dtype=dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile_it:
+        compiled.prepare(model, "compile", batch)
+        compiled.warm(model)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else nullcontext
 
     def run() -> None:
@@ -108,10 +117,11 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each cell is the median")
     p.add_argument("--seconds", type=float, default=0.5, help="timed seconds per cell and round")
+    p.add_argument("--compile", action="store_true", help="add the compiled variants (each compiles its shapes first)")
     p.add_argument("--no-write", action="store_true", help="print the table without writing docs/benchmarks.md")
     args = p.parse_args()
     device = resolve_device(args.device)
-    specs = variants(device)
+    specs = variants(device, args.compile)
     rows = []
     for entry in args.configs:
         width, size = entry.split(":")

@@ -139,3 +139,47 @@ def test_partial_codes_are_none_and_an_edit_that_reads_a_missing_code_is_refused
         assert Codes.cat([c, c]).common.shape[0] == 2 * N and Codes.cat([c, c]).sep_a is None
         with pytest.raises(ValueError, match="lack the sep_a code"):
             Codes.cat([c, model.encode(content)])
+
+
+# --- fixed batch shapes for serving (models/compiled.py) -------------------------------------------------------------
+
+
+def test_bucketed_networks_answer_as_the_plain_ones_and_see_only_bucket_sizes(images):
+    from models import compiled
+
+    for variant in ("plain", "mask"):
+        plain, fixed = _model(variant), _model(variant)
+        compiled.prepare(fixed, "buckets", max_rows=4)
+        shapes: list[int] = []
+        for name in compiled.NETS:
+            getattr(fixed, name).net.register_forward_hook(lambda mod, inp, out: shapes.append(len(inp[0])))
+        content, guide, _ = images
+        with torch.inference_mode():
+            for n in (1, 3, 4):
+                torch.testing.assert_close(fixed.transfer(content[:n], guide[:n], target=1),
+                                           plain.transfer(content[:n], guide[:n], target=1), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(fixed.remove(content[:3], "both"), plain.remove(content[:3], "both"), atol=1e-5, rtol=1e-5)
+            big = torch.cat([content, guide, content])  # 12 rows > the encoders' largest bucket: run in chunks
+            torch.testing.assert_close(fixed.encode(big).common, plain.encode(big).common, atol=1e-5, rtol=1e-5)
+            assert compiled.warm(fixed) == 3 * 3 + 5  # encoders: 1, 2, 4; decoder: 1 .. 16
+        assert set(shapes) <= {1, 2, 4, 8, 16}
+    with pytest.raises(ValueError, match="mode must be"):
+        compiled.prepare(_model("plain"), "fast", 4)
+
+
+@pytest.mark.slow
+def test_a_compiled_model_answers_as_the_eager_one(images):
+    """torch.compile on the CPU (inductor, a C++ compiler), the shapes compiled by the warm-up."""
+    import shutil
+
+    from models import compiled
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    eager, fast = _model("plain"), _model("plain")
+    compiled.prepare(fast, "compile", max_rows=1)
+    compiled.warm(fast)
+    content, guide, _ = images
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.transfer(content[:1], guide[:1], target=0), eager.transfer(content[:1], guide[:1], target=0),
+                                   atol=1e-4, rtol=1e-4)

@@ -340,3 +340,15 @@ def test_stage_metrics_and_the_png_effort_setting(service_weights):
     assert fast.status_code == small.status_code == 200
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(fast.content))), np.asarray(Image.open(io.BytesIO(small.content))))
     assert len(fast.content) > len(small.content)
+
+
+def test_fixed_batch_shapes_answer_as_the_default(service_weights):
+    async def go(app, client):
+        return [await client.post("/transfer", files=_multipart(i)) for i in range(2)]
+
+    default = run(_with_app(Settings(weights=service_weights), go))
+    fixed = run(_with_app(Settings(weights=service_weights, compile="buckets"), go))
+    for a, b in zip(default, fixed):
+        assert a.status_code == b.status_code == 200
+        assert np.abs(np.asarray(Image.open(io.BytesIO(a.content)), dtype=np.int16)
+                      - np.asarray(Image.open(io.BytesIO(b.content)), dtype=np.int16)).max() <= 1
