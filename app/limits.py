@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,7 +28,7 @@ class RequestLimits:
 
     deadline: float = math.inf
     _receive: Receive | None = None
-    _body_done: bool = field(default=False)
+    _body_done: bool = False
 
     async def disconnected(self) -> None:
         """Return once the client has closed the connection. Only after the body has been read (until then the

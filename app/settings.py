@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.compiled import Compile
+
 MiB = 1 << 20
 
 
@@ -23,7 +25,7 @@ class Settings(BaseSettings):
     default_model: str | None = Field(None, description="model used when a request names none (default: the first checkpoint by name)")
     torch_threads: int = Field(0, ge=0, description="intra-op threads of torch per process (0: torch's default, one per "
                                "physical core, shared out among the uvicorn workers)")
-    compile: Literal["none", "buckets", "compile"] = Field(
+    compile: Compile = Field(
         "none", description="fixed batch shapes for the networks: buckets pads every model call to a power of two; "
         "compile also compiles each shape with torch.compile at startup (CUDA graphs on CUDA)")
 

@@ -306,11 +306,10 @@ class Disentangler(nn.Module):
         and of a plain model the separate codes it keeps, of a mask model those it removes (their masks)."""
         if attribute is None:
             return _as_parts(PARTS)
-        parts = {"common"}
-        for v in _values(attribute):  # 0 or 'a', 1 or 'b', 2 or 'both'
-            dropped = {0: {"a"}, 1: {"b"}, 2: {"a", "b"}}[("a", "b", "both").index(v) if isinstance(v, str) else int(v)]
-            parts |= dropped if self.config.has_mask else {"a", "b"} - dropped
-        return _as_parts(parts)
+        n = attribute.numel() if isinstance(attribute, torch.Tensor) else 1
+        drop_a, drop_b = self._drops(attribute, n, torch.device("cpu"))
+        read = (drop_a, drop_b) if self.config.has_mask else (~drop_a, ~drop_b)
+        return _as_parts({"common", *(p for p, rows in zip(("a", "b"), read) if bool(rows.any()))})
 
     def remove_edit(
         self, codes: Codes, attribute: Attribute | torch.Tensor = "both", threshold: float | torch.Tensor = REMOVAL_THRESHOLD,

@@ -50,8 +50,10 @@ def _which(entry: LoadedModel, attribute: str) -> int | None:
 
 
 def _chosen(model: Disentangler, codes: Codes, which: int | None) -> torch.Tensor:
-    """(1,) the attribute an edit of one image works on: `which`, or for auto the domain its codes show."""
-    return model.detect(codes) if which is None else torch.full((1,), which, device=codes.common.device)
+    """(1,) the domain (or 2: both) an edit of one image works on: `which`, or when None the domain its codes show."""
+    if which is None:
+        return model.detect(codes)
+    return torch.full((1,), which, device=next(t for t in codes if t is not None).device)
 
 
 @router.post("/transfer", response_class=Response, summary="Put the guide's attribute on the content image")
@@ -89,10 +91,8 @@ async def transfer(form: TransferBody, settings: SettingsDep, registry: Registry
         if intersection:  # G(E_c(c), s E_sA(guide_a), s E_sB(guide_b))
             return model.intersect_edit(*codes, strength), None
         c, g = codes
-        if wanted is not None:
-            return model.transfer_edit(c, g, torch.full((1,), wanted, device=c.common.device), strength, keep), None
-        detected = model.detect(g)
-        return model.transfer_edit(c, g, detected, strength, keep), int(detected[0])
+        to = _chosen(model, g, wanted)
+        return model.transfer_edit(c, g, to, strength, keep), None if wanted is not None else int(to[0])
 
     image, mask, detected = await entry.batcher.render(x, plan, parts)
     if intersection:
