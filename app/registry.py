@@ -13,7 +13,7 @@ import torch
 import models
 from models import CheckpointError, Disentangler, resolve_device
 from models import compiled
-from models.checkpoint import DTYPES
+from models.checkpoint import compute_dtype
 from models.networks import bake_spectral_norm
 
 from .batcher import Batcher
@@ -57,10 +57,9 @@ class Registry:
         if not cards:
             raise CheckpointError(f"{weights}: no checkpoints (NAME.json + NAME.safetensors) in the weights directory")
         device = resolve_device(settings.device)
-        dtype = DTYPES[settings.dtype]
-        if device.type != "cuda" and dtype != torch.float32:
-            log.warning("DID_DTYPE=%s applies on CUDA only; computing in float32 on %s", settings.dtype, device)
-            dtype = torch.float32
+        dtype, why = compute_dtype(device, settings.dtype)
+        if why:
+            log.warning("DID_DTYPE=%s", why)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         elif settings.workers > 1:  # each worker process would otherwise take one thread per core for itself
@@ -68,8 +67,10 @@ class Registry:
         entries = []
         for card in cards:
             start = time.perf_counter()
-            model = models.load(card, device=device, dtype=dtype)
-            compiled.prepare(bake_spectral_norm(model), settings.compile, settings.max_batch)
+            model = bake_spectral_norm(models.load(card, device=device, dtype=dtype))
+            if settings.channels_last:
+                model.to(memory_format=torch.channels_last)
+            compiled.prepare(model, settings.compile, settings.max_batch)
             entries.append(LoadedModel(card.stem, card, model, model.card))
             log.info("loaded %s (%s/%s, %d px) on %s in %.2fs", card.name, model.config.domain_a, model.config.domain_b,
                      model.config.image_size, device, time.perf_counter() - start)

@@ -21,10 +21,12 @@ class Settings(BaseSettings):
     # --- models -------------------------------------------------------------------------------------------------
     weights: Path = Field(Path("weights"), description="directory of checkpoints (NAME.json + NAME.safetensors); every card in it is loaded")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="compute dtype of the models on CUDA (CPU always computes in float32)")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="compute dtype of the models: any on CUDA; on the CPU float32, or bfloat16 where the CPU has native bf16 (AVX512-BF16 or AMX)")
     default_model: str | None = Field(None, description="model used when a request names none (default: the first checkpoint by name)")
     torch_threads: int = Field(0, ge=0, description="intra-op threads of torch per process (0: torch's default, one per "
                                "physical core, shared out among the uvicorn workers)")
+    channels_last: bool = Field(False, description="the networks' weights and activations in channels_last memory "
+                                "format: faster with bfloat16 on CPUs with AVX512-BF16 or AMX (docs/benchmarks.md)")
     compile: Compile = Field(
         "none", description="fixed batch shapes for the networks: buckets pads every model call to a power of two; "
         "compile also compiles each shape with torch.compile at startup (CUDA graphs on CUDA)")

@@ -2,11 +2,12 @@
 obvious wrapper of the model (`bench/naive_wrapper.py`: a synchronous FastAPI endpoint, Pillow decode, batch-1
 model call, PNG out).
 
-    python -m bench.http_load [--weights DIR] [--concurrency 1 4 16 64] [--requests 400] [--seconds 20]
+    python -m bench.http_load [--weights DIR] [--concurrency 1 4 16 64] [--requests 400] [--seconds 20] [--device auto]
 
-Starts real uvicorn processes on loopback: `did serve` with the batcher on (DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5),
-`did serve` naive (DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0: one model call per request), and the wrapper, all fp32 with
-one worker on the same checkpoint, and at each concurrency drives one right after the other with a closed loop of
+Starts real uvicorn processes on loopback: `did serve` with the batcher on (DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5;
+batched-bf16 adds DID_DTYPE=bfloat16 where bf16 is native),
+`did serve` naive (DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0: one model call per request), and the wrapper, each with
+one worker on the same checkpoint and device, and at each concurrency drives one right after the other with a closed loop of
 `concurrency` asyncio clients, each level bounded by --requests and --seconds. The clients are minimal keep-alive
 HTTP/1.1 connections by default; `--client httpx` uses httpx.AsyncClient, which costs about 4 ms of CPU per
 request on this class of machine (as much as the service's own work outside the model, taken from the same two
@@ -37,6 +38,7 @@ from .report import write_section
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {
     "batched": {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5"},
+    "batched-bf16": {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5", "DID_DTYPE": "bfloat16"},
     "naive": {"DID_MAX_BATCH": "1", "DID_MAX_WAIT_MS": "0"},
     "wrapper": {},  # bench/naive_wrapper.py, not did serve
 }
@@ -111,19 +113,30 @@ def multipart(fields: dict[str, bytes]) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+def default_configs(device: str) -> list[str]:
+    """Every configuration; batched-bf16 only where bf16 is native (CUDA, or a CPU with AVX512-BF16 or AMX)."""
+    import torch
+
+    from models import resolve_device
+    from models.checkpoint import compute_dtype
+
+    bf16 = compute_dtype(resolve_device(device), "bfloat16")[0] == torch.bfloat16
+    return [name for name in CONFIGS if bf16 or name != "batched-bf16"]
+
+
 class Server:
-    def __init__(self, weights: Path, name: str, log: Path):
+    def __init__(self, weights: Path, name: str, log: Path, device: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, **CONFIGS[name], "DID_ACCESS_LOG": "false", "DID_LOG_LEVEL": "warning"}
         if name == "wrapper":
             card = sorted(weights.glob("*.json"))[0]
-            full_env["NAIVE_WEIGHTS"] = str(card.with_suffix(""))
+            full_env |= {"NAIVE_WEIGHTS": str(card.with_suffix("")), "NAIVE_DEVICE": device}
             cmd = [sys.executable, "-m", "uvicorn", "bench.naive_wrapper:app", "--host", "127.0.0.1", "--port",
                    str(self.port), "--workers", "1", "--log-level", "warning", "--no-access-log"]
         else:
             cmd = [sys.executable, "-m", "app.cli", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--weights", str(weights), "--workers", "1", "--device", "cpu"]
+                   "--weights", str(weights), "--workers", "1", "--device", device]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -228,11 +241,14 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=400, help="most requests per level")
     p.add_argument("--seconds", type=float, default=20.0, help="most seconds per level")
     p.add_argument("--warmup", type=int, default=20, help="requests before each configuration is measured")
-    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["batched", "naive", "wrapper"])
+    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS),
+                   help="default: all (batched-bf16 only where bf16 is native)")
+    p.add_argument("--device", default="auto", help="the device of every server (auto: CUDA when present)")
     p.add_argument("--client", choices=("raw", "httpx"), default="raw",
                    help="raw: minimal keep-alive HTTP/1.1 on asyncio streams (default); httpx: httpx.AsyncClient")
     p.add_argument("--no-write", dest="write", action="store_false", help="print only; leave docs/benchmarks.md alone")
     args = p.parse_args()
+    args.configs = args.configs or default_configs(args.device)
 
     with tempfile.TemporaryDirectory(prefix="did-http-bench-") as tmp:
         weights, origin = pick_weights(args.weights, Path(tmp))
@@ -241,7 +257,7 @@ def main() -> None:
         results: dict[tuple[str, int], dict[str, float]] = {}
         # Both servers run side by side (an idle one costs nothing) and every level measures one right after the
         # other, so a change in the machine's background load hits both configurations alike.
-        servers = {name: Server(weights, name, Path(tmp) / f"{name}.log") for name in args.configs}
+        servers = {name: Server(weights, name, Path(tmp) / f"{name}.log", args.device) for name in args.configs}
         try:
             for name, server in servers.items():
                 server.wait_ready()
@@ -260,15 +276,15 @@ def main() -> None:
     for c in args.concurrency:
         for name in args.configs:
             r = results[name, c]
-            ratios = [f"{r['rps'] / results[other, c]['rps']:.2f}x" if name == "batched" and (other, c) in results else ""
-                      for other in ("naive", "wrapper")]
+            ratios = [f"{r['rps'] / results[other, c]['rps']:.2f}x" if name.startswith("batched") and (other, c) in results
+                      else "" for other in ("naive", "wrapper")]
             rows.append([name, c, r["done"], r["errors"], f"{r['rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", *ratios])
     threads = os.environ.get("DID_TORCH_THREADS", "0 (the default: torch's own count, one per physical core)")
     body_md = (
         f"POST /transfer (content + guide PNG, {len(body) // 1024} KiB multipart), answered as PNG; one uvicorn worker, "
-        f"CPU, fp32; closed loop over loopback from the same machine ({args.client} client); at most {args.requests} requests or "
+        f"device {args.device}, fp32 unless named; closed loop over loopback from the same machine ({args.client} client); at most {args.requests} requests or "
         f"{args.seconds:g} s per level. Model: {origin}.\n"
-        "batched: DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5; naive: DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0 (one model call per request); "
+        "batched: DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5; batched-bf16: the same with DID_DTYPE=bfloat16; naive: DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0 (one model call per request); "
         f"both with DID_TORCH_THREADS={threads}. wrapper: bench/naive_wrapper.py (a synchronous FastAPI endpoint, "
         "Pillow decode, batch-1 model call, PNG out).\n\n"
         + table(["config", "concurrency", "ok", "errors", "requests/s", "p50 ms", "p99 ms", "batched / naive",

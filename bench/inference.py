@@ -7,8 +7,8 @@ published widths, its spectral norm's power iteration on every forward) in the s
     python -m bench.inference [--device auto] [--configs paper:128 slim:64] [--batches 1 16 256] [--rounds 5]
 
 Variants: fp32; fp32 in channels_last; fp32 compiled (`models/compiled.py`: torch.compile at fixed batch shapes,
-CUDA graphs on CUDA, as DID_COMPILE=compile does); bf16 (on the CPU under autocast where the CPU has AVX512-BF16 or
-AMX, on CUDA weights and activations cast, as DID_DTYPE does) and fp16 on CUDA. The variants run interleaved, one short
+CUDA graphs on CUDA, as DID_COMPILE=compile does); bf16 (weights and activations cast, as DID_DTYPE=bfloat16 does: on
+CUDA, and on CPUs with native bf16, AVX512-BF16 or AMX) and fp16 on CUDA. The variants run interleaved, one short
 timed window each per round, and each cell is the median over the rounds, so a noisy shared machine slows all of
 them alike. The published code's anchors on one H100 (fp32 eager, 128 px): 4.2 ms per transfer at batch 1 and
 21,900 images/s at batch 256."""
@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import nullcontext
 from typing import Callable
 
 import torch
 
 from models import compiled, resolve_device
+from models.checkpoint import cpu_has_bf16
 from models.config import preset
 from models.disentangler import Disentangler
 from models.networks import bake_spectral_norm
@@ -34,25 +34,18 @@ from .report import sync, write_section
 PUBLISHED_H100 = {1: 4.2, 256: 21_900.0}  # ms per transfer at batch 1; images/s at batch 256
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 autocast is emulated and slow."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(c()) for c in checks if c is not None)
-
-
-def variants(device: torch.device, compile_too: bool) -> dict[str, tuple[torch.dtype, bool, bool, bool]]:
-    """name -> (dtype of weights and inputs, channels_last, CPU bf16 autocast, compiled)."""
-    f32 = torch.float32
-    out = {"fp32": (f32, False, False, False), "fp32 channels_last": (f32, True, False, False)}
+def variants(device: torch.device, compile_too: bool) -> dict[str, tuple[torch.dtype, bool, bool]]:
+    """name -> (dtype of weights and inputs, channels_last, compiled)."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    out = {"fp32": (f32, False, False), "fp32 channels_last": (f32, True, False)}
     if compile_too:
-        out["fp32 compiled"] = (f32, False, False, True)
+        out["fp32 compiled"] = (f32, False, True)
     if device.type == "cuda":
-        out |= {"fp16": (torch.float16, False, False, False), "bf16": (torch.bfloat16, False, False, False),
-                "bf16 channels_last": (torch.bfloat16, True, False, False)}
+        out["fp16"] = (torch.float16, False, False)
+    if device.type == "cuda" or cpu_has_bf16():
+        out |= {"bf16": (bf16, False, False), "bf16 channels_last": (bf16, True, False)}
         if compile_too:
-            out["bf16 compiled"] = (torch.bfloat16, False, False, True)
-    elif cpu_has_bf16():
-        out |= {"bf16 autocast": (f32, False, True, False), "bf16 autocast channels_last": (f32, True, True, False)}
+            out["bf16 compiled"] = (bf16, False, True)
     return out
 
 
@@ -63,9 +56,9 @@ def _inputs(batch: int, size: int, device: torch.device, dtype: torch.dtype, cha
                  for _ in range(2))
 
 
-def runner(kind: str, width: str, size: int, batch: int, device: torch.device, spec: tuple[torch.dtype, bool, bool, bool]) -> Callable[[], None]:
+def runner(kind: str, width: str, size: int, batch: int, device: torch.device, spec: tuple[torch.dtype, bool, bool]) -> Callable[[], None]:
     """A function that computes one batch of transfers (`kind`: 'ours' or 'reference')."""
-    dtype, channels_last, autocast, compile_it = spec
+    dtype, channels_last, compile_it = spec
     content, guide = _inputs(batch, size, device, dtype, channels_last)
     if kind == "reference":
         ref = ReferenceNets().eval().to(device=device, dtype=dtype)
@@ -76,12 +69,7 @@ def runner(kind: str, width: str, size: int, batch: int, device: torch.device, s
     if compile_it:
         compiled.prepare(model, "compile", batch)
         compiled.warm(model)
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else nullcontext
-
-    def run() -> None:
-        with ctx():
-            model.transfer(content, guide, target=1)
-    return run
+    return lambda: model.transfer(content, guide, target=1)
 
 
 def timed(fn: Callable[[], None], device: torch.device, seconds: float) -> float:

@@ -3,7 +3,7 @@ that decodes both uploads with Pillow, runs `Disentangler.transfer` on them at b
 detected), and answers a PNG. No batching, no queue, no limits: FastAPI runs each call in its thread pool, so
 concurrent requests run their model calls side by side on the same cores.
 
-    NAIVE_WEIGHTS=weights/smile_glasses uvicorn bench.naive_wrapper:app --port 8001
+    NAIVE_WEIGHTS=weights/smile_glasses NAIVE_DEVICE=auto uvicorn bench.naive_wrapper:app --port 8001
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from PIL import Image
 import models
 from models.images import fit, to_pil, to_tensor
 
-model = models.load(os.environ.get("NAIVE_WEIGHTS", "weights/smile_glasses")).eval()
+model = models.load(os.environ.get("NAIVE_WEIGHTS", "weights/smile_glasses"),
+                    device=models.resolve_device(os.environ.get("NAIVE_DEVICE", "auto"))).eval()
 app = FastAPI()
 
 
@@ -30,7 +31,7 @@ def ready() -> dict[str, str]:
 @app.post("/transfer")
 def transfer(content: UploadFile = File(...), guide: UploadFile = File(...)) -> Response:
     size = model.config.image_size
-    x = [to_tensor(fit(Image.open(io.BytesIO(f.file.read())), size))[None] for f in (content, guide)]
+    x = [to_tensor(fit(Image.open(io.BytesIO(f.file.read())), size))[None].to(model.device) for f in (content, guide)]
     with torch.no_grad():
         out = model.transfer(x[0], x[1])
     buf = io.BytesIO()

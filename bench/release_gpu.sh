@@ -95,17 +95,7 @@ if [ "${EVAL:-1}" = 1 ] && [ -f "$OUT/judge/judge.json" ]; then
     date -u +"evaluation done %FT%TZ"
 fi
 
-if [ "$BENCH" = 1 ]; then
-    "$PY" -m bench.training --steps 30 --configs paper:128:32 slim:128:32 2>&1 | tail -n 8
-    [ -n "${PACK:-}" ] && cp docs/benchmarks.md "$PACK/benchmarks.md"
-    "$PY" -m bench.inference --configs paper:128 slim:128 --batches 1 256 --seconds 1 2>&1 | tail -n 16
-    [ -n "${PACK:-}" ] && cp docs/benchmarks.md "$PACK/benchmarks.md"
-    if [ "$HTTP" = 1 ] && [ -f "$OUT/smile_glasses/model.json" ]; then
-        did export "$OUT/smile_glasses" "$OUT/http_weights/smile_glasses"
-        timeout 200 "$PY" -m bench.http_load --weights "$OUT/http_weights" --concurrency 1 16 64 --requests 3000 \
-            --seconds 8 2>&1 | tail -n 12
-    fi
-fi
+[ "$BENCH" = 1 ] && PY=$PY HTTP=$HTTP DEVICE=$DEVICE bash bench/gpu.sh
 date -u +"end %FT%TZ"
 if [ -n "${PACK:-}" ]; then
     (cd "$OUT" && tar cf "$PACK/eval.tar" eval figures ./*.log 2>/dev/null)

@@ -50,6 +50,7 @@ def main() -> None:
                    help="WIDTH:SIZE:BATCH entries (batch per domain)")
     p.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both",
                    help="on CUDA: fp32, bf16 autocast (what training uses) or both (default); the CPU runs fp32")
+    p.add_argument("--no-write", dest="write", action="store_false", help="print only; leave docs/benchmarks.md alone")
     args = p.parse_args()
     device = resolve_device(args.device)
     amps = [False] if device.type != "cuda" else {"both": [False, True], "fp32": [False], "bf16": [True]}[args.precision]
@@ -67,7 +68,8 @@ def main() -> None:
     note = ("\nInputs are already on the device; one step = discriminator update + encoder/decoder update. The ratio "
             "to the published code is only given on a GPU (its anchor was measured on one H100).\n")
     print(body)
-    write_section("training", "Training step throughput", body + "\n" + note)
+    if args.write:
+        write_section("training", "Training step throughput", body + "\n" + note)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 on the CPU is emulated and slow."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(c()) for c in checks if c is not None)
+
+
+def compute_dtype(device: torch.device, name: str) -> tuple[torch.dtype, str | None]:
+    """The dtype a model computes in on `device` when `name` (a DTYPES key) is asked for, and why, where it is not
+    the one asked for: CUDA computes in any of them; the CPU in float32, or bfloat16 where the CPU has it natively."""
+    dtype = DTYPES[name]
+    if device.type == "cuda" or dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_bf16()):
+        return dtype, None
+    why = "this CPU has no native bf16 (AVX512-BF16 or AMX)" if dtype == torch.bfloat16 else "float16 is computed on CUDA only"
+    return torch.float32, f"{name} on {device}: {why}; computing in float32"
+
+
 def paths(path: str | Path, default: str = "model") -> tuple[Path, Path]:
     """(card, tensors) for 'DIR/NAME', 'DIR/NAME.json', 'DIR/NAME.safetensors' or a directory holding `default`.json."""
     p = Path(path)

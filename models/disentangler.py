@@ -147,12 +147,18 @@ class Disentangler(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the networks compute in (their weights'); encode casts images of any float dtype to it."""
+        return next(self.parameters()).dtype
+
     # --- the two primitives -------------------------------------------------------------------------------------
 
     def encode(self, x: torch.Tensor, parts: Iterable[Part] = PARTS) -> Codes:
         """Images (N, 3, S, S) in [-1, 1] -> Codes, running only the encoders of `parts` ('common', 'a', 'b'); the
         codes not asked for are None."""
         self._check_images(x)
+        x = x.to(self.dtype)
         want = _as_parts(parts)
         return Codes(*(enc(x) if name in want else None
                        for name, enc in zip(PARTS, (self.enc_common, self.enc_a, self.enc_b))))

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import models
 from models import Disentangler, checkpoint, preset
+from training import evaluate
 from training import judge as judge_mod
 from training import metrics
 from training.cli import main as did
@@ -231,6 +232,20 @@ def test_did_eval_on_a_mask_model_adds_mask_iou(tmp_path: Path, judge_for_eval: 
     for v in result["mask_iou"].values():
         assert 0.0 <= v["at_0.5"] <= v["best"] <= 1.0
     assert set(result["outside_psnr"]) >= {"a_to_b", "b_to_a"}
+
+
+def test_did_eval_in_bf16_compares_every_edit_with_float32(tmp_path: Path, judge_for_eval: Path):
+    """--dtype bfloat16 evaluates the model computing in bf16 and scores each edit against the float32 model's own
+    output on the same faces: high but finite PSNR (bf16's rounding), the dtype named in the tables."""
+    card = _tiny_model(tmp_path, "mask" if "mask" in models.config.VARIANTS else "plain")
+    out = tmp_path / "bf16.json"
+    assert did(["eval", "--model", str(card), "--judge", str(judge_for_eval), "--n", "8", "--device", "cpu",
+                "--dtype", "bfloat16", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["dtype"] == "bfloat16" and evaluate.label(result).endswith("(bfloat16)")
+    assert set(result["vs_float32_psnr"]) == {"out_ab", "out_ba", "rm_a", "rm_b", "rec_a", "rec_b"}
+    assert all(30 < v < 100 for v in result["vs_float32_psnr"].values()), result["vs_float32_psnr"]
+    assert "(bfloat16)" in out.with_suffix(".md").read_text()
 
 
 def test_did_eval_compares_a_mask_model_with_a_plain_one_on_the_same_faces(tmp_path: Path, judge_for_eval: Path,

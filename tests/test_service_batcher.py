@@ -342,13 +342,42 @@ def test_stage_metrics_and_the_png_effort_setting(service_weights):
     assert len(fast.content) > len(small.content)
 
 
-def test_fixed_batch_shapes_answer_as_the_default(service_weights):
+def test_fixed_batch_shapes_and_channels_last_answer_as_the_default(service_weights):
     async def go(app, client):
         return [await client.post("/transfer", files=_multipart(i)) for i in range(2)]
 
     default = run(_with_app(Settings(weights=service_weights), go))
-    fixed = run(_with_app(Settings(weights=service_weights, compile="buckets"), go))
-    for a, b in zip(default, fixed):
+    for fixed in (run(_with_app(Settings(weights=service_weights, compile="buckets"), go)),
+                  run(_with_app(Settings(weights=service_weights, channels_last=True), go))):
+        for a, b in zip(default, fixed):
+            assert a.status_code == b.status_code == 200
+            assert np.abs(np.asarray(Image.open(io.BytesIO(a.content)), dtype=np.int16)
+                          - np.asarray(Image.open(io.BytesIO(b.content)), dtype=np.int16)).max() <= 1
+
+
+def test_bf16_serves_where_the_cpu_has_it_and_falls_back_to_float32_elsewhere(service_weights, monkeypatch):
+    """DID_DTYPE=bfloat16 on a CPU with native bf16 computes in bf16 and answers what float32 answers to within
+    bf16's rounding; where the CPU lacks it (or for float16) the service computes in float32."""
+    from models import checkpoint
+
+    async def go(app, client):
+        return app.state.registry.dtype, [await client.post("/transfer", files=_multipart(i)) for i in range(2)]
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(checkpoint, "cpu_has_bf16", lambda: False)
+    assert checkpoint.compute_dtype(cpu, "bfloat16")[0] == torch.float32
+    assert "no native bf16" in checkpoint.compute_dtype(cpu, "bfloat16")[1]
+    assert checkpoint.compute_dtype(cpu, "float16") == (torch.float32, "float16 on cpu: float16 is computed on CUDA only; computing in float32")
+    assert checkpoint.compute_dtype(cpu, "float32") == (torch.float32, None)
+    dtype, _ = run(_with_app(Settings(weights=service_weights, dtype="bfloat16"), go))
+    assert dtype == torch.float32
+
+    monkeypatch.setattr(checkpoint, "cpu_has_bf16", lambda: True)  # bf16 itself runs on any CPU, emulated where not native
+    assert checkpoint.compute_dtype(cpu, "bfloat16") == (torch.bfloat16, None)
+    _, full = run(_with_app(Settings(weights=service_weights), go))
+    dtype, half = run(_with_app(Settings(weights=service_weights, dtype="bfloat16"), go))
+    assert dtype == torch.bfloat16
+    for a, b in zip(full, half):
         assert a.status_code == b.status_code == 200
-        assert np.abs(np.asarray(Image.open(io.BytesIO(a.content)), dtype=np.int16)
-                      - np.asarray(Image.open(io.BytesIO(b.content)), dtype=np.int16)).max() <= 1
+        diff = np.asarray(Image.open(io.BytesIO(a.content)), dtype=np.float64) - np.asarray(Image.open(io.BytesIO(b.content)))
+        assert 0 < np.abs(diff).max() and 10 * np.log10(255**2 / (diff**2).mean()) > 30

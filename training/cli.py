@@ -158,7 +158,7 @@ def run_eval(args: argparse.Namespace) -> int:
             return evaluate.evaluate_celeba(m, judge_model, root=args.root, n=args.n, batch=args.batch,
                                             model_path=path, judge_path=args.judge)
         return evaluate.evaluate(m, judge_model, n=args.n, seed=args.seed, batch=args.batch, model_path=path,
-                                 judge_path=args.judge)
+                                 judge_path=args.judge, dtype=checkpoint.DTYPES[args.dtype])
 
     result = measure(model, args.model)
     compared = [measure(other, path) for path, other in zip(args.compare, others)]
@@ -203,6 +203,8 @@ def run_judge_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from models.checkpoint import DTYPES
+
     from . import synthetic
 
     p = argparse.ArgumentParser(prog="did", description="Domain intersection and domain difference: train, preview data, serve.")
@@ -240,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{synthetic.VALIDATION_SEED} is the validation seed, for choosing among checkpoints)")
     ev.add_argument("--batch", type=int, default=64)
     ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    ev.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                    help="compute in this dtype (as DID_DTYPE serves); below float32 each edit is also compared with "
+                         "the float32 model's output (synthetic data)")
     ev.add_argument("--json", type=Path, help="write the results here (and a markdown table beside it, .md)")
     ev.add_argument("--figures", type=Path, help="write the transfer grids, intersection, removal and interpolation figures here")
     ev.add_argument("--compare", type=Path, action="append", default=[], metavar="CHECKPOINT",
@@ -251,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="copy a run's checkpoint into a weights directory (e.g. weights/NAME) for serving")
     ex.add_argument("run", type=Path, help="run directory or checkpoint")
     ex.add_argument("out", type=Path, help="destination DIR/NAME (writes NAME.json + NAME.safetensors)")
-    ex.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="storage dtype (default: the run's)")
+    ex.add_argument("--dtype", choices=tuple(DTYPES), help="storage dtype (default: the run's)")
     ex.add_argument("--notes", help="free text for the card's readers: how and where it was trained, what it does not do "
                                     "well (default: the run card's notes, if any)")
     ex.set_defaults(func=run_export)

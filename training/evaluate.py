@@ -11,6 +11,7 @@ them the guide's y while removing their x; `b_to_a` the other way round.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -180,8 +181,10 @@ def _against_truth(scorer: _Scorer, truth: _Edits, edits: dict[str, tuple[torch.
 
 def evaluate(model: Disentangler, judge: Judge, *, n: int = 512, seed: int = synthetic.TEST_SEED, batch: int = 64,
              device: torch.device | str | None = None, model_path: str | Path | None = None,
-             judge_path: str | Path | None = None) -> dict[str, Any]:
-    """All metrics of `model` on `n` test faces per domain of its synthetic pair."""
+             judge_path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """All metrics of `model` on `n` test faces per domain of its synthetic pair, computed in `dtype`. Below
+    float32 the result adds `vs_float32_psnr`: each edit's PSNR against the float32 model's output on the same faces
+    (the precision's own error, apart from the model's)."""
     start = time.perf_counter()
     dev = torch.device(device) if device is not None else model.device
     model = model.to(dev).eval()
@@ -209,6 +212,9 @@ def evaluate(model: Disentangler, judge: Judge, *, n: int = 512, seed: int = syn
     (gt_ab, gmask_ab), (gt_ba, gmask_ba) = render(fa.edit(**{x_attr: False, y_attr: fb})), render(fb.edit(**{y_attr: False, x_attr: fa}))
     gt_rm_a, gt_rm_b = render(fa.edit(**{x_attr: False}))[0], render(fb.edit(**{y_attr: False}))[0]
 
+    full = _run_edits(model, img_a, img_b, batch, dev) if dtype != torch.float32 else None
+    if full is not None:
+        model = copy.deepcopy(model).to(dtype)
     e = _run_edits(model, img_a, img_b, batch, dev)
     out_ab, out_ba, rm_a, rm_b = e.out_ab, e.out_ba, e.rm_a, e.rm_b
     # Intersection: a's face (x removed) with x from another a-face and y from a b-face.
@@ -247,6 +253,9 @@ def evaluate(model: Disentangler, judge: Judge, *, n: int = 512, seed: int = syn
         "remove_a": _mean(metrics.psnr(rm_a, img_a, mask=(truth_a[x_attr] == 0).float())),
         "remove_b": _mean(metrics.psnr(rm_b, img_b, mask=(truth_b[y_attr] == 0).float())),
     }
+    if full is not None:
+        result["dtype"] = str(dtype).removeprefix("torch.")
+        result["vs_float32_psnr"] = {k: _mean(metrics.psnr(getattr(e, k), getattr(full, k))) for k in _Edits._fields}
     if model.config.variant == "mask":
         result["mask_iou"] = {
             "a": _mask_iou(_chunked(lambda x: model.segment(x, "a"), img_a, batch=batch, device=dev), truth_a[x_attr]),
@@ -332,13 +341,14 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 def label(result: dict[str, Any]) -> str:
     """The model's name in tables: its card's name, or for a training run (whose checkpoint is always `model`)
-    the run directory's name, so that two runs side by side stay apart."""
+    the run directory's name, so that two runs side by side stay apart; a dtype below float32 follows in brackets."""
     info = result["model"]
     name, path = info.get("name"), info.get("path")
     if path and (not name or name == "model"):
         p = Path(path)
-        return (p.parent if p.suffix in (".json", ".safetensors") or p.name == "model" else p).name or str(path)
-    return name or str(path)
+        name = (p.parent if p.suffix in (".json", ".safetensors") or p.name == "model" else p).name
+    name = name or str(path)
+    return f"{name} ({result['dtype']})" if "dtype" in result else name
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
