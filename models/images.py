@@ -75,16 +75,22 @@ def fit(img: Image.Image, size: int, mode: Fit = "crop", background: tuple[int, 
     raise ValueError(f"fit must be 'crop' or 'pad', not {mode!r}")
 
 
+# Both conversions compute in numpy: they run per image in the service's image threads, where torch's small-tensor
+# ops cost several times more (each dispatch, and the intra-op thread pool shared with the model thread's).
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB image -> float tensor (3, H, W) in [-1, 1]."""
-    arr = np.asarray(to_rgb(img), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    arr = np.asarray(to_rgb(img), dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
+    arr /= 127.5
+    arr -= 1.0
+    return torch.from_numpy(arr)
 
 
 def to_uint8(batch: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1], (N, 3, H, W) or (3, H, W) -> uint8 HWC on the CPU, rounded, clamped."""
-    x = batch.detach().float().add(1.0).mul(127.5).round().clamp_(0, 255).to(torch.uint8)
-    return x.movedim(-3, -1).cpu()
+    """Float images in [-1, 1], (N, 3, H, W) or (3, H, W) -> uint8 HWC on the CPU, rounded (half to even), clamped."""
+    x = batch.detach().float().cpu().numpy()
+    x = np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return torch.from_numpy(np.moveaxis(x, -3, -1))
 
 
 def to_pil(img: torch.Tensor) -> Image.Image:
