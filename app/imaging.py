@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
+import numpy as np
 import torch
 from fastapi import UploadFile
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -174,7 +175,7 @@ def encode_path(frames: torch.Tensor, fmt: str, size: int | None = None, png_lev
 
 def encode_mask(mask: torch.Tensor, fmt: str, size: int | None = None, png_level: int = 3) -> Encoded:
     """One (1, H, W) mask in [0, 1] -> a grayscale image (255 = attribute); json answers carry a PNG."""
-    arr = mask.detach().float()[0].mul(255).round().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+    arr = np.clip(np.rint(mask.detach().float().cpu().numpy()[0] * 255), 0, 255).astype(np.uint8)  # numpy: see to_uint8
     img = _resize(Image.fromarray(arr, "L"), size)
     still = "png" if fmt == "json" else fmt
     return Encoded(_save(img, still, png_level), MEDIA_TYPES[still], img.width, img.height)

@@ -5,7 +5,7 @@ model call, PNG out).
     python -m bench.http_load [--weights DIR] [--concurrency 1 4 16 64] [--requests 400] [--seconds 20] [--device auto]
 
 Starts real uvicorn processes on loopback: `did serve` with the batcher on (DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5;
-batched-bf16 adds DID_DTYPE=bfloat16 where bf16 is native),
+batched-bf16 adds DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true where bf16 is native),
 `did serve` naive (DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0: one model call per request), and the wrapper, each with
 one worker on the same checkpoint and device, and at each concurrency drives one right after the other with a closed loop of
 `concurrency` asyncio clients, each level bounded by --requests and --seconds. The clients are minimal keep-alive
@@ -38,7 +38,7 @@ from .report import write_section
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {
     "batched": {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5"},
-    "batched-bf16": {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5", "DID_DTYPE": "bfloat16"},
+    "batched-bf16": {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5", "DID_DTYPE": "bfloat16", "DID_CHANNELS_LAST": "true"},
     "naive": {"DID_MAX_BATCH": "1", "DID_MAX_WAIT_MS": "0"},
     "wrapper": {},  # bench/naive_wrapper.py, not did serve
 }
@@ -284,7 +284,7 @@ def main() -> None:
         f"POST /transfer (content + guide PNG, {len(body) // 1024} KiB multipart), answered as PNG; one uvicorn worker, "
         f"device {args.device}, fp32 unless named; closed loop over loopback from the same machine ({args.client} client); at most {args.requests} requests or "
         f"{args.seconds:g} s per level. Model: {origin}.\n"
-        "batched: DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5; batched-bf16: the same with DID_DTYPE=bfloat16; naive: DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0 (one model call per request); "
+        "batched: DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5; batched-bf16: the same with DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true; naive: DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0 (one model call per request); "
         f"both with DID_TORCH_THREADS={threads}. wrapper: bench/naive_wrapper.py (a synchronous FastAPI endpoint, "
         "Pillow decode, batch-1 model call, PNG out).\n\n"
         + table(["config", "concurrency", "ok", "errors", "requests/s", "p50 ms", "p99 ms", "batched / naive",
