@@ -28,12 +28,15 @@ def machine() -> str:
     else:
         try:
             model = next(
-                (l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")),
+                (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                 platform.processor() or "unknown CPU",
             )
         except OSError:
             model = platform.processor() or "unknown CPU"
-        dev = f"CPU only: {model}, {torch.get_num_threads()} torch threads"
+        from models.checkpoint import cpu_has_bf16
+
+        bf16 = "native bf16 (AVX512-BF16 or AMX)" if cpu_has_bf16() else "no native bf16"
+        dev = f"CPU only: {model}, {bf16}, {torch.get_num_threads()} torch threads"
     return f"{dev}; {platform.system()} {platform.machine()}; Python {platform.python_version()}; PyTorch {torch.__version__}"
 
 
