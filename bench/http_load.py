@@ -5,9 +5,10 @@ model call, PNG out).
     python -m bench.http_load [--weights DIR] [--concurrency 1 4 16 64] [--requests 400] [--seconds 20] [--device auto]
 
 Starts real uvicorn processes on loopback: `did serve` with the batcher on (DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5;
-batched-bf16 adds DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true where bf16 is native),
+batched-bf16 adds DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true where bf16 is native; batched-2w runs two uvicorn
+worker processes, each with its own batcher and its share of torch's threads),
 `did serve` naive (DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0: one model call per request), and the wrapper, each with
-one worker on the same checkpoint and device, and at each concurrency drives one right after the other with a closed loop of
+one worker (but batched-2w) on the same checkpoint and device, and at each concurrency drives one right after the other with a closed loop of
 `concurrency` asyncio clients, each level bounded by --requests and --seconds. The clients are minimal keep-alive
 HTTP/1.1 connections by default; `--client httpx` uses httpx.AsyncClient, which costs about 4 ms of CPU per
 request on this class of machine (as much as the service's own work outside the model, taken from the same two
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {
     "batched": {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5"},
     "batched-bf16": {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5", "DID_DTYPE": "bfloat16", "DID_CHANNELS_LAST": "true"},
+    "batched-2w": {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5", "DID_WORKERS": "2"},  # two worker processes
     "naive": {"DID_MAX_BATCH": "1", "DID_MAX_WAIT_MS": "0"},
     "wrapper": {},  # bench/naive_wrapper.py, not did serve
 }
@@ -136,7 +138,7 @@ class Server:
                    str(self.port), "--workers", "1", "--log-level", "warning", "--no-access-log"]
         else:
             cmd = [sys.executable, "-m", "app.cli", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--weights", str(weights), "--workers", "1", "--device", device]
+                   "--weights", str(weights), "--workers", CONFIGS[name].get("DID_WORKERS", "1"), "--device", device]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -281,10 +283,10 @@ def main() -> None:
             rows.append([name, c, r["done"], r["errors"], f"{r['rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", *ratios])
     threads = os.environ.get("DID_TORCH_THREADS", "0 (the default: torch's own count, one per physical core)")
     body_md = (
-        f"POST /transfer (content + guide PNG, {len(body) // 1024} KiB multipart), answered as PNG; one uvicorn worker, "
+        f"POST /transfer (content + guide PNG, {len(body) // 1024} KiB multipart), answered as PNG; one uvicorn worker but for batched-2w, "
         f"device {args.device}, fp32 unless named; closed loop over loopback from the same machine ({args.client} client); at most {args.requests} requests or "
         f"{args.seconds:g} s per level. Model: {origin}.\n"
-        "batched: DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5; batched-bf16: the same with DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true; naive: DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0 (one model call per request); "
+        "batched: DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5; batched-bf16: the same with DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true; batched-2w: the same as batched with DID_WORKERS=2; naive: DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0 (one model call per request); "
         f"both with DID_TORCH_THREADS={threads}. wrapper: bench/naive_wrapper.py (a synchronous FastAPI endpoint, "
         "Pillow decode, batch-1 model call, PNG out).\n\n"
         + table(["config", "concurrency", "ok", "errors", "requests/s", "p50 ms", "p99 ms", "batched / naive",
