@@ -60,6 +60,12 @@ def prepare(model: Disentangler, mode: Compile, max_rows: int) -> Disentangler:
         return model
     # The decoder of a mask model's edit decodes up to four code sets per image (base, both masks, the edit).
     rows = {name: max_rows * (4 if name == "decoder" else 1) for name in NETS}
+    if mode == "compile":
+        # Each shape is one compilation of the networks' shared forward code (the three encoders are one class), and
+        # past dynamo's per-frame limit (8 by default) further shapes would silently run uncompiled.
+        shapes = sum(len(buckets_up_to(n)) for n in rows.values())
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), shapes))
     for name in NETS:
         net = getattr(model, name)
         if mode == "compile":
