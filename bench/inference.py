@@ -45,7 +45,7 @@ def variants(device: torch.device, compile_too: bool) -> dict[str, tuple[torch.d
     if device.type == "cuda" or cpu_has_bf16():
         out |= {"bf16": (bf16, False, False), "bf16 channels_last": (bf16, True, False)}
         if compile_too:
-            out["bf16 compiled"] = (bf16, False, True)
+            out |= {"bf16 compiled": (bf16, False, True), "bf16 channels_last compiled": (bf16, True, True)}
     return out
 
 
