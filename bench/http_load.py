@@ -37,10 +37,11 @@ from training.markdown import table
 from .report import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = {
-    "batched": {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5"},
-    "batched-bf16": {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5", "DID_DTYPE": "bfloat16", "DID_CHANNELS_LAST": "true"},
-    "batched-2w": {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5", "DID_WORKERS": "2"},  # two worker processes
+BATCHED = {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5"}
+CONFIGS = {  # the did serve settings of each configuration (DID_WORKERS becomes its --workers)
+    "batched": BATCHED,
+    "batched-bf16": {**BATCHED, "DID_DTYPE": "bfloat16", "DID_CHANNELS_LAST": "true"},
+    "batched-2w": {**BATCHED, "DID_WORKERS": "2"},
     "naive": {"DID_MAX_BATCH": "1", "DID_MAX_WAIT_MS": "0"},
     "wrapper": {},  # bench/naive_wrapper.py, not did serve
 }
@@ -286,8 +287,8 @@ def main() -> None:
         f"POST /transfer (content + guide PNG, {len(body) // 1024} KiB multipart), answered as PNG; one uvicorn worker but for batched-2w, "
         f"device {args.device}, fp32 unless named; closed loop over loopback from the same machine ({args.client} client); at most {args.requests} requests or "
         f"{args.seconds:g} s per level. Model: {origin}.\n"
-        "batched: DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5; batched-bf16: the same with DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true; batched-2w: the same as batched with DID_WORKERS=2; naive: DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0 (one model call per request); "
-        f"both with DID_TORCH_THREADS={threads}. wrapper: bench/naive_wrapper.py (a synchronous FastAPI endpoint, "
+        + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in env.items())}" for name in args.configs if (env := CONFIGS[name]))
+        + f"; all with DID_TORCH_THREADS={threads}. wrapper: bench/naive_wrapper.py (a synchronous FastAPI endpoint, "
         "Pillow decode, batch-1 model call, PNG out).\n\n"
         + table(["config", "concurrency", "ok", "errors", "requests/s", "p50 ms", "p99 ms", "batched / naive",
                  "batched / wrapper"], rows)

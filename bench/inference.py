@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from models import compiled, resolve_device
-from models.checkpoint import cpu_has_bf16
+from models.checkpoint import compute_dtype
 from models.config import preset
 from models.disentangler import Disentangler
 from models.networks import bake_spectral_norm
@@ -40,9 +40,9 @@ def variants(device: torch.device, compile_too: bool) -> dict[str, tuple[torch.d
     out = {"fp32": (f32, False, False), "fp32 channels_last": (f32, True, False)}
     if compile_too:
         out["fp32 compiled"] = (f32, False, True)
-    if device.type == "cuda":
+    if compute_dtype(device, "float16")[0] == torch.float16:  # the service's own rule: CUDA only
         out["fp16"] = (torch.float16, False, False)
-    if device.type == "cuda" or cpu_has_bf16():
+    if compute_dtype(device, "bfloat16")[0] == bf16:  # CUDA, or a CPU with native bf16
         out |= {"bf16": (bf16, False, False), "bf16 channels_last": (bf16, True, False)}
         if compile_too:
             out |= {"bf16 compiled": (bf16, False, True), "bf16 channels_last compiled": (bf16, True, True)}

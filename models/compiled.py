@@ -8,7 +8,7 @@ arbitrary batch sizes map onto len(buckets) shapes that its warm-up compiles onc
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -54,8 +54,8 @@ def prepare(model: Disentangler, mode: Compile, max_rows: int) -> Disentangler:
     """Give `model`'s encoders and decoder fixed batch shapes up to `max_rows` rows ('buckets'), and compile each
     ('compile': torch.compile, CUDA graphs on CUDA). 'none' leaves the model as it is. The model must be in eval
     mode with its spectral norm baked (models.networks.bake_spectral_norm)."""
-    if mode not in ("none", "buckets", "compile"):
-        raise ValueError(f"mode must be 'none', 'buckets' or 'compile', not {mode!r}")
+    if mode not in get_args(Compile):
+        raise ValueError(f"mode must be one of {', '.join(map(repr, get_args(Compile)))}, not {mode!r}")
     if mode == "none":
         return model
     # The decoder of a mask model's edit decodes up to four code sets per image (base, both masks, the edit).
