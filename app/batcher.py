@@ -1,7 +1,7 @@
 """Dynamic batching of model calls, one batcher per loaded model.
 
 Every endpoint is encode -> cheap code recombination -> decode. Three job kinds carry all the model work:
-`encode(images) -> Codes`, `decode(Codes) -> images`, and `render(images, plan, parts) -> (images, masks)`, an edit
+`encode(images) -> Codes`, `decode(Codes) -> images`, and `render(images, plan, parts) -> Rendered`, an edit
 in one trip through the queue (an edit that went encode, back to the event loop, then decode would wait for two
 batches instead of one): its images are encoded, `plan` turns their codes into a core `Edit`, and the core's
 `render` carries it out (mask models composite the result over the uploaded image itself). `parts` says which codes
@@ -29,11 +29,12 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 
 from models import Codes, Disentangler, Edit
+from models.calibration import reconstruction_error
 from models.disentangler import PARTS, Part
 
 from . import limits
@@ -47,6 +48,16 @@ Kind = Literal["encode", "decode", "render", "call"]
 # parts did not ask for is None) -> (the Edit of its first len(Edit) images, anything to hand back).
 Plan = Callable[[list[Codes]], tuple[Edit, Any]]
 ALL: frozenset[Part] = frozenset(PARTS)
+
+
+class Rendered(NamedTuple):
+    """What a render job answers: the edited images (M, 3, S, S) and masks (M, 1, S, S; None for a plain model) on
+    the CPU, the plan's extra, and with `score` the reconstruction error of each of its N images (else None)."""
+
+    images: torch.Tensor
+    masks: torch.Tensor | None
+    extra: Any
+    errors: torch.Tensor | None
 
 
 @dataclass(slots=True)
@@ -85,16 +96,16 @@ class Batcher:
         return await self._submit("decode", codes, codes.common.shape[0])
 
     async def render(self, images: torch.Tensor, plan: Plan, parts: tuple[frozenset[Part], ...] | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+                     score: bool = False) -> Rendered:
         """Encode (N, 3, S, S) CPU images (of image i only the codes in parts[i]; None: all three of every image),
-        plan an Edit on their codes, carry it out on the first M images (the ones edited; guides follow them):
-        ((M, 3, S, S) CPU images, (M, 1, S, S) CPU masks or None for a plain model, plan's extra). `plan` runs in
-        the model's thread; it must only recombine codes."""
+        plan an Edit on their codes, carry it out on the first M images (the ones edited; guides follow them).
+        `plan` runs in the model's thread; it must only recombine codes. `score` also measures every image's
+        reconstruction error (`models.calibration`: all three codes and one more decode per image)."""
         n = images.shape[0]
-        parts = (ALL,) * n if parts is None else tuple(frozenset(p) for p in parts)
+        parts = (ALL,) * n if parts is None or score else tuple(frozenset(p) for p in parts)
         if len(parts) != n or not all(p <= ALL for p in parts):
             raise ValueError(f"parts needs one subset of {PARTS} per image ({n}), not {parts}")
-        return await self._submit("render", (images, plan, parts), n)
+        return await self._submit("render", (images, plan, parts, score), n)
 
     async def call(self, fn: Callable[[Disentangler], Any], rows: int = 1) -> Any:
         """fn(model) in the model's thread, between batches (for work that is not encode or decode)."""
@@ -236,13 +247,14 @@ class Batcher:
             del jobs, results  # the batch's tensors go as soon as their requests have them
 
     def _run(self, jobs: list[_Job]) -> list[Any]:
-        """The whole batch in the model's thread: one call per encoder, the render jobs' plans, one decode call, one
-        render call."""
+        """The whole batch in the model's thread: one call per encoder, the render jobs' plans, one decode call for
+        the reconstructions of the scored render jobs, one decode call, one render call."""
         results: dict[int, Any] = {}
         with torch.inference_mode():
             encoding = [j for j in jobs if j.kind in ("encode", "render")]
             to_decode: list[tuple[_Job, Codes]] = [(j, Codes(*(self._to_model(t) for t in j.payload))) for j in jobs if j.kind == "decode"]
             to_render: list[tuple[_Job, Edit]] = []
+            to_score: list[tuple[_Job, list[Codes]]] = []
             if encoding:
                 for job, codes in zip(encoding, self._timed("encode", encoding, self._encode)):
                     if job.kind == "encode":
@@ -255,12 +267,15 @@ class Batcher:
                         continue
                     results[id(job)] = extra
                     to_render.append((job, edit))
+                    if job.payload[3]:
+                        to_score.append((job, codes))
+            errors = dict(zip((id(j) for j, _ in to_score), self._timed("score", to_score, self._score))) if to_score else {}
             if to_decode:
                 for (job, _), image in zip(to_decode, self._timed("decode", to_decode, self._decode)):
                     results[id(job)] = image
             if to_render:
                 for (job, _), (image, mask) in zip(to_render, self._timed("render", to_render, self._render)):
-                    results[id(job)] = (image, mask, results[id(job)])
+                    results[id(job)] = Rendered(image, mask, results[id(job)], errors.get(id(job)))
             for job in jobs:
                 if job.kind == "call":
                     try:
@@ -316,6 +331,13 @@ class Batcher:
         codes = Codes.cat(parts) if len(parts) > 1 else parts[0]
         images = self.model.decode(*codes).float().cpu()
         return [images[s] for s in self._slices([len(c.common) for c in parts])]
+
+    def _score(self, group: list[tuple[_Job, list[Codes]]]) -> list[torch.Tensor]:
+        """(N,) CPU float32 reconstruction errors of each job's images, from one decode call."""
+        x = self._to_model(torch.cat([job.payload[0] for job, _ in group]))
+        codes = Codes.cat([c for _, rows in group for c in rows])
+        errors = reconstruction_error(self.model, x, codes)
+        return list(errors.split([len(rows) for _, rows in group]))
 
     def _render(self, group: list[tuple[_Job, Edit]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(CPU float32 images, CPU masks or None) of each entry's Edit, from one render call."""

@@ -14,7 +14,7 @@ from .errors import BadRequest, NotReady, Unauthorized
 from .imaging import Format, PathFormat, negotiate
 from .metrics import Metrics
 from .registry import Registry
-from .schemas import EncodeForm, RemoveForm, SegmentForm, TransferForm
+from .schemas import EncodeForm, FacesForm, RemoveForm, SegmentForm, TransferForm
 from .settings import Settings
 from .store import LatentStore
 
@@ -52,6 +52,7 @@ TransferBody = Annotated[TransferForm, Form(media_type=MULTIPART)]
 RemoveBody = Annotated[RemoveForm, Form(media_type=MULTIPART)]
 EncodeBody = Annotated[EncodeForm, Form(media_type=MULTIPART)]
 SegmentBody = Annotated[SegmentForm, Form(media_type=MULTIPART)]
+FacesBody = Annotated[FacesForm, Form(media_type=MULTIPART)]
 
 AcceptHeader = Annotated[str | None, Header(alias="accept", description="image/png, image/jpeg, image/webp or application/json when no format= is given")]
 

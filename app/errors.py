@@ -90,6 +90,18 @@ class NotReady(Unavailable):
     slug = "not-ready"
 
 
+class NoFace(Problem):
+    """An edit that works on a detected face (a model trained on aligned faces) found none, or not the one asked for."""
+
+    status, slug = 422, "no-face"
+
+
+class OutOfDomain(Problem):
+    """strict=true and an upload lies outside what the model was trained on (its card's calibration)."""
+
+    status, slug = 422, "out-of-domain"
+
+
 class DeadlineExceeded(Problem):
     status, slug = 504, "timeout"
 

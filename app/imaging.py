@@ -2,11 +2,12 @@
 
 Uploads: read in chunks up to a byte cap (413), opened with a fixed set of decoders, refused above a pixel cap
 before any pixel is decoded (decompression bombs: 413), then decoded as training data is (`models.images.load_rgb`:
-first frame, EXIF orientation, RGB) and fitted to the model. Anything Pillow cannot decode is a 415.
+first frame, EXIF orientation, RGB) and fitted to the model, or kept at full resolution (`decode_rgb`) for face
+detection. Anything Pillow cannot decode is a 415.
 Outputs: PNG (default), JPEG, WebP, a JSON envelope with base64 PNG; strips and GIF/WebP animations for paths.
 
-Decoding and encoding are blocking Pillow calls; `load_images` and the `*_async` helpers run them in the event
-loop's default thread pool (Pillow releases the GIL while it codes), so the event loop only moves bytes.
+Decoding and encoding are blocking Pillow calls; `load_images`, `load_upright` and the `*_async` helpers run them
+in the event loop's default thread pool (Pillow releases the GIL while it codes), so the event loop only moves bytes.
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ import torch
 from fastapi import UploadFile
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from models.framing import Framing, Placement, paste, sample, warp_mask
 from models.images import Fit, fit, grid, load_rgb, to_pil, to_tensor
 
 from . import metrics
-from .errors import TooLarge, UnsupportedImage
+from .errors import NoFace, TooLarge, UnsupportedImage
+from .faces import Face
 
 Format = Literal["png", "jpeg", "webp", "json"]
 PathFormat = Literal["png", "jpeg", "webp", "gif", "json"]
@@ -61,8 +64,9 @@ async def read_upload(upload: UploadFile, field: str, max_bytes: int) -> bytes:
     return b"".join(parts)
 
 
-def decode(data: bytes, field: str, size: int, mode: Fit = "crop", max_pixels: int = 40_000_000) -> torch.Tensor:
-    """Encoded image bytes -> (3, size, size) float tensor in [-1, 1]."""
+def decode_rgb(data: bytes, field: str, max_pixels: int = 40_000_000, draft: int | None = None) -> Image.Image:
+    """Encoded image bytes -> the image upright (EXIF orientation applied) as 8-bit RGB, at full resolution unless
+    `draft` lets a JPEG's decoder scale it down by 2, 4 or 8 to no fewer than `draft` pixels per side."""
     try:
         img = Image.open(io.BytesIO(data), formats=DECODERS)
     except Image.DecompressionBombError as e:
@@ -77,12 +81,18 @@ def decode(data: bytes, field: str, size: int, mode: Fit = "crop", max_pixels: i
     if w < 1 or h < 1:
         raise UnsupportedImage(f"'{field}' has no pixels")
     try:
-        img.draft(None, (size, size))  # JPEG: let the decoder scale down by 2/4/8 while it decodes
-        return to_tensor(fit(load_rgb(img), size, mode))
+        if draft is not None:
+            img.draft(None, (draft, draft))  # JPEG: let the decoder scale down by 2/4/8 while it decodes
+        return load_rgb(img)
     except Image.DecompressionBombError as e:
         raise TooLarge(f"'{field}': {e}") from None
     except Exception as e:  # Pillow raises a zoo of types on malformed data; all of it is the client's file
         raise UnsupportedImage(f"'{field}' could not be decoded: {type(e).__name__}: {e}") from None
+
+
+def decode(data: bytes, field: str, size: int, mode: Fit = "crop", max_pixels: int = 40_000_000) -> torch.Tensor:
+    """Encoded image bytes -> (3, size, size) float tensor in [-1, 1]."""
+    return to_tensor(fit(decode_rgb(data, field, max_pixels, draft=size), size, mode))
 
 
 async def load_images(uploads: Sequence[tuple[str, UploadFile]], size: int, mode: Fit, max_bytes: int, max_pixels: int) -> torch.Tensor:
@@ -94,6 +104,102 @@ async def load_images(uploads: Sequence[tuple[str, UploadFile]], size: int, mode
 
     with metrics.stage("decode"):
         return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+async def load_upright(upload: UploadFile, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
+    """One upload -> its full-resolution upright RGB image (`decode_rgb`), decoded in a worker thread."""
+    data = await read_upload(upload, field, max_bytes)
+    with metrics.stage("decode"):
+        return await asyncio.get_running_loop().run_in_executor(None, decode_rgb, data, field, max_pixels)
+
+
+# --- uploads placed in the model's square, and edits pasted back -------------------------------------------------
+
+
+@dataclass
+class Placed:
+    """One upload made into model input: its rows, where each sits in it (`models.framing.Placement`: the fit, or
+    one alignment per chosen face) and the upright full-resolution image, both kept when the answer is at its size
+    or aligned."""
+
+    field: str
+    rows: int
+    placements: list[Placement]
+    image: Image.Image | None = None
+    faces: int = 0  # faces found in it (aligned uploads)
+
+
+def choose_faces(faces: Sequence[Face], choice: str, field: str) -> list[Face]:
+    """`face=` of an aligned edit: "largest" (the first, as POST /faces orders them), "all", or an index K."""
+    if not faces:
+        raise NoFace(f"'{field}': no face found (this model edits aligned faces; POST /faces shows what the detector "
+                     "finds, and align=none edits the image as it is)")
+    if choice == "largest":
+        return [faces[0]]
+    if choice == "all":
+        return list(faces)
+    k = int(choice)
+    if k >= len(faces):
+        raise NoFace(f"'{field}': face {k} asked for, but {len(faces)} found (indices 0-{len(faces) - 1}; POST /faces lists them)")
+    return [faces[k]]
+
+
+def place(data: bytes, field: str, size: int, mode: Fit, max_pixels: int, *, full: bool = False,
+          align: Framing | None = None, face: str = "largest", detect: Callable[[Image.Image], list[Face]] | None = None,
+          ) -> tuple[torch.Tensor, Placed]:
+    """Encoded bytes -> ((k, 3, size, size) model input, Placed). Without `align`, one row fitted as `fit=` says
+    (the pixels `decode` gives); with `align` (a framing with canonical eyes), one row per chosen face, aligned on
+    its eyes and sampled from the full-resolution upload. `full` keeps the upright upload for an answer at its size."""
+    if align is None and not full:
+        x = decode(data, field, size, mode, max_pixels)
+        return x[None], Placed(field, 1, [])
+    img = decode_rgb(data, field, max_pixels)
+    if align is None:
+        return to_tensor(fit(img, size, mode))[None], Placed(field, 1, [Placement.fit(img.width, img.height, size, mode)], img)
+    assert detect is not None
+    found = detect(img)
+    chosen = choose_faces(found, face, field)
+    placements = [Placement.align(f.eyes(), img.width, img.height, size, align) for f in chosen]
+    x = torch.stack([sample(img, p) for p in placements])
+    return x, Placed(field, len(placements), placements, img if full else None, len(found))
+
+
+async def load_placed(uploads: Sequence[tuple[str, UploadFile, str]], size: int, mode: Fit, max_bytes: int, max_pixels: int,
+                      *, full: bool, align: Framing | None, detect: Callable[[Image.Image], list[Face]] | None = None,
+                      ) -> tuple[torch.Tensor, list[Placed]]:
+    """(field, upload, face choice) triples -> (all their rows, (N, 3, size, size), and each upload's Placed), decoded
+    (and faces detected) in one worker-thread hop."""
+    blobs = [(name, await read_upload(up, name, max_bytes), face) for name, up, face in uploads]
+
+    def work() -> tuple[torch.Tensor, list[Placed]]:
+        done = [place(data, name, size, mode, max_pixels, full=full, align=align, face=face, detect=detect)
+                for name, data, face in blobs]
+        return torch.cat([x for x, _ in done]), [p for _, p in done]
+
+    with metrics.stage("decode"):
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+def pasted(placed: Placed, edited: torch.Tensor, weights: torch.Tensor) -> Image.Image:
+    """The upload with each row's edit ((k, 3, S, S)) pasted back where it came from, through its weights
+    ((k, S, S) in [0, 1]); pixels no weight reaches are the upload's own."""
+    assert placed.image is not None
+    img = placed.image
+    for p, e, w in zip(placed.placements, edited, weights):
+        img = paste(img, e, w, p)
+    return img
+
+
+def encode_pasted(placed: Placed, edited: torch.Tensor, weights: torch.Tensor, fmt: str, png_level: int = 3) -> Encoded:
+    """`pasted`, encoded as `encode` does (the answer at the upload's own size)."""
+    return encode(pasted(placed, edited, weights), fmt, None, png_level)
+
+
+def warped_mask(placed: Placed, masks: torch.Tensor) -> torch.Tensor:
+    """(k, 1, S, S) masks of an upload's rows -> one (1, H, W) mask at the upload's size (their maximum; 0 where
+    no row's square reaches)."""
+    out = np.maximum.reduce([warp_mask(m, p) for p, m in zip(placed.placements, masks)])
+    return torch.from_numpy(out)[None]
 
 
 # --- answers ------------------------------------------------------------------------------------------------------
@@ -154,9 +260,10 @@ def _save(img: Image.Image, fmt: str, png_level: int = 3) -> bytes:
     return buf.getvalue()
 
 
-def encode(image: torch.Tensor, fmt: str, size: int | None = None, png_level: int = 3) -> Encoded:
-    """One (3, H, W) image in [-1, 1] -> bytes; json answers carry a PNG. `size` scales the height (and width alike)."""
-    img = _resize(to_pil(image), size)
+def encode(image: torch.Tensor | Image.Image, fmt: str, size: int | None = None, png_level: int = 3) -> Encoded:
+    """One (3, H, W) image in [-1, 1] (or an RGB image) -> bytes; json answers carry a PNG. `size` scales the
+    height (and width alike)."""
+    img = _resize(image if isinstance(image, Image.Image) else to_pil(image), size)
     still = "png" if fmt == "json" else fmt
     return Encoded(_save(img, still, png_level), MEDIA_TYPES[still], img.width, img.height)
 

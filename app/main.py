@@ -22,7 +22,7 @@ from .deps import require_api_key
 from .limits import LimitsMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .registry import Registry
-from .routes import edit, latents, meta
+from .routes import edit, faces, latents, meta
 from .settings import Settings
 from .store import open_store
 
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     errors.install(app)
     # The key check is a dependency only when keys are configured (then OpenAPI lists the two schemes, too).
     auth = [Depends(require_api_key)] if settings.api_keys else []
-    for router in (edit.router, latents.router, meta.cards):
+    for router in (edit.router, latents.router, faces.router, meta.cards):
         app.include_router(router, dependencies=auth)
     app.include_router(meta.router)
     if settings.cors_origins:

@@ -3,9 +3,10 @@
 With several uvicorn workers each process counts its own requests; scrape them one by one or run one worker per
 container (the usual layout behind a load balancer).
 
-`did_stage_duration_seconds` splits a request's time by where it goes: `decode` (uploads to tensors), `queue` (a
-model job waiting for its batch), `model` (the batch's model call), `encode` (the answer's image). Jobs dropped
-before their model call (the request's deadline passed, or its client went away) count in `did_jobs_dropped_total`.
+`did_stage_duration_seconds` splits a request's time by where it goes: `decode` (uploads to tensors or images),
+`queue` (a model job waiting for its batch), `model` (the batch's model call), `encode` (the answer's image),
+`faces` (the face detection of /faces). Jobs dropped before their model call (the request's deadline passed, or its
+client went away) count in `did_jobs_dropped_total`.
 """
 from __future__ import annotations
 

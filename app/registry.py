@@ -13,6 +13,7 @@ import torch
 import models
 from models import CheckpointError, Disentangler, resolve_device
 from models import compiled
+from models.calibration import Calibration
 from models.checkpoint import compute_dtype
 from models.networks import bake_spectral_norm
 
@@ -30,6 +31,7 @@ class LoadedModel:
     model: Disentangler
     card: dict[str, Any]
     batcher: Batcher | None = field(default=None, repr=False)
+    calibration: Calibration | None = None  # the card's: how far its training images sit from their reconstructions
 
     @property
     def config(self) -> models.ModelConfig:
@@ -71,7 +73,7 @@ class Registry:
             if settings.channels_last:
                 model.to(memory_format=torch.channels_last)
             compiled.prepare(model, settings.compile, settings.max_batch)
-            entries.append(LoadedModel(card.stem, card, model, model.card))
+            entries.append(LoadedModel(card.stem, card, model, model.card, calibration=Calibration.from_card(model.card)))
             log.info("loaded %s (%s/%s, %d px) on %s in %.2fs", card.name, model.config.domain_a, model.config.domain_b,
                      model.config.image_size, device, time.perf_counter() - start)
         names = [e.name for e in entries]

@@ -1,7 +1,7 @@
 """Request and response bodies (JSON) of the API, declared so the OpenAPI document is exact."""
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
@@ -72,6 +72,9 @@ class EncodeResponse(BaseModel):
     domain_scores: dict[str, float] = Field(description="mean |separate code| per domain name; the larger names the domain")
     detected_domain: str
     detected: str = Field(description="'a' or 'b'")
+    domain_score: float | None = Field(None, description="the upload's reconstruction error over the calibration's p99 "
+                                       "(1: as far off as the 99th percentile of training images); null: not scored")
+    out_of_domain: bool | None = Field(None, description="the error is above the card's calibration threshold")
     latents: Latents | None = None
 
 
@@ -114,19 +117,67 @@ class SegmentJSON(MaskJSON):
     meta: dict[str, str] = Field(default_factory=dict, description="the same facts as the X-* headers: detected_domain, attribute")
 
 
+# --- faces ------------------------------------------------------------------------------------------------------
+
+XY = Annotated[list[float], Field(min_length=2, max_length=2, description="[x, y] in the upload's pixels")]
+
+
+class FaceLandmarks(BaseModel):
+    """Five points of a face; left and right as seen in the image (the image-left eye is the person's right eye)."""
+
+    left_eye_outer: XY
+    left_eye_inner: XY
+    right_eye_inner: XY
+    right_eye_outer: XY
+    nose: XY = Field(description="[x, y] of the base of the nose, between the nostrils")
+
+
+class FaceInfo(BaseModel):
+    index: int = Field(description="the face's position in the list: largest box first")
+    box: list[float] = Field(min_length=4, max_length=4, description="[x0, y0, x1, y1] (x1, y1 exclusive); it may "
+                             "reach past the image's edges")
+    landmarks: FaceLandmarks
+    score: float = Field(description="the detector's confidence, its SVM margin (0 is the detector's own cut-off); "
+                         "faces below DID_FACE_MIN_SCORE are left out")
+
+
+class FacesResponse(BaseModel):
+    """The faces of an upload. Coordinates are the upright image's full-resolution pixels, continuous: pixel (i, j)
+    covers [i, i+1) x [j, j+1), so the top-left pixel's centre is [0.5, 0.5]; x grows to the right, y downwards."""
+
+    width: int = Field(description="the upright image's width in pixels (after its EXIF orientation)")
+    height: int
+    faces: list[FaceInfo]
+
+
 # --- multipart form bodies --------------------------------------------------------------------------------------
+
+
+Align = Literal["auto", "none"]
+FaceChoice = Annotated[str, Field(pattern=r"^(largest|all|[0-9]{1,4})$")]
+Output = Literal["full", "model"]
 
 
 class _Form(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422, not silently ignored
 
     model: str | None = Field(None, max_length=128, description="checkpoint name (GET /models); default: the service's default model")
-    fit: Fit = Field("crop", description="how an upload becomes square: crop (default) keeps the central square, pad letterboxes it")
+    fit: Fit = Field("crop", description="how an upload becomes square when it is not aligned: crop (default) keeps the "
+                     "central square, pad letterboxes it")
+    align: Align = Field("auto", description="auto: a model trained on aligned faces (its card's framing is celeba) "
+                         "gets the upload's face, found and aligned on its eyes; none: the upload as fit= makes it")
+    face: FaceChoice = Field("largest", description="which face an aligned edit works on: largest, all, or K (the "
+                             "index POST /faces gives); only for aligned uploads")
+    strict: bool = Field(False, description="answer 422 instead of an edit when an upload is out of the model's domain "
+                         "(its reconstruction error above the card's calibration threshold; X-Out-Of-Domain)")
 
 
 class _ImageAnswerForm(_Form):
     format: Format | None = Field(None, description="png (default), jpeg, webp or json (base64 PNG + metadata); else the Accept header decides")
-    size: int | None = Field(None, ge=16, description="answer at this many pixels per side (default: the model's resolution)")
+    output: Output | None = Field(None, description="full (the default unless size= is given): the answer at the "
+                                  "upload's own size and aspect, the edit pasted back over the upload's pixels; model: "
+                                  "the model's square (at size= pixels per side when given)")
+    size: int | None = Field(None, ge=16, description="output=model: answer at this many pixels per side (default: the model's resolution)")
 
 
 Threshold = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
@@ -158,6 +209,12 @@ class SegmentForm(_ImageAnswerForm):
     image: UploadFile = Field(description="the image to segment")
     attribute: str = Field("auto", max_length=128, description="a, b, a domain's name, both, or auto (the domain detected from the image)")
     threshold: Threshold = Field(0.5, description="mask value above which a pixel counts for the JSON answer's area and bbox")
+
+
+class FacesForm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: UploadFile = Field(description="the image whose faces are found")
 
 
 class EncodeForm(_Form):

@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.compiled import Compile
 
+from . import faces
+
 MiB = 1 << 20
 
 
@@ -45,6 +47,17 @@ class Settings(BaseSettings):
     image_threads: int = Field(0, ge=0, description="threads that decode uploads and encode answers (0: one per CPU core)")
     max_interpolate_steps: int = Field(32, ge=2, le=256, description="largest `steps` of /interpolate")
     png_level: int = Field(3, ge=0, le=9, description="zlib effort of PNG answers: 0 fastest and largest, 9 smallest and slowest")
+
+    # --- faces --------------------------------------------------------------------------------------------------
+    face_detect_size: int = Field(faces.DETECT_SIZE, ge=80, le=8192, description="the face detector sees each upload "
+                                  "resized to this many pixels on its longer side: it finds faces of 80/this of that "
+                                  "side and up, in time that grows with its square")
+    face_min_score: float = Field(faces.MIN_SCORE, allow_inf_nan=False, description="faces the detector scores below "
+                                  "this are left out (its SVM margin: 0 is its own cut-off, faces train to 1 and up)")
+
+    domain_check: bool = Field(True, description="score every upload against its model's calibration (X-Domain-Score, "
+                               "X-Out-Of-Domain, strict=): an edit then encodes all three codes of each upload and "
+                               "decodes its reconstruction once more; false skips that work and the headers")
 
     # --- batching -----------------------------------------------------------------------------------------------
     max_batch: int = Field(32, ge=1, description="most images per model call")

@@ -106,13 +106,18 @@ def face_pngs(size: int = 128) -> tuple[bytes, bytes]:
     return out[0], out[1]
 
 
-def multipart(fields: dict[str, bytes]) -> tuple[bytes, str]:
+# The service answers the model's square, as the wrapper does (the default, output=full, pastes it back at the
+# upload's size); a field the wrapper does not declare, FastAPI ignores there.
+FORM = {"output": "model"}
+
+
+def multipart(files: dict[str, bytes], fields: dict[str, str] = FORM) -> tuple[bytes, str]:
     """One pre-encoded multipart body, sent as is by every request (the client's own cost stays small)."""
     boundary = "did-bench-boundary-7c1e"
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{k}.png"\r\nContent-Type: image/png\r\n\r\n'.encode() + v + b"\r\n"
-        for k, v in fields.items()
-    ]
+        for k, v in files.items()
+    ] + [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
@@ -284,7 +289,7 @@ def main() -> None:
             rows.append([name, c, r["done"], r["errors"], f"{r['rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", *ratios])
     threads = os.environ.get("DID_TORCH_THREADS", "0 (the default: torch's own count, one per physical core)")
     body_md = (
-        f"POST /transfer (content + guide PNG, {len(body) // 1024} KiB multipart), answered as PNG; one uvicorn worker but for batched-2w, "
+        f"POST /transfer (content + guide PNG, {len(body) // 1024} KiB multipart, {', '.join(f'{k}={v}' for k, v in FORM.items())}), answered as PNG; one uvicorn worker but for batched-2w, "
         f"device {args.device}, fp32 unless named; closed loop over loopback from the same machine ({args.client} client); at most {args.requests} requests or "
         f"{args.seconds:g} s per level. Model: {origin}.\n"
         + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in env.items())}" for name in args.configs if (env := CONFIGS[name]))

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .disentangler import Disentangler
+from .framing import FRAMINGS
 
 FORMAT = "did-checkpoint/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -116,16 +117,20 @@ def save(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     dtype: str = "float32",
+    framing: str = "none",
     notes: str | None = None,
 ) -> Path:
     """Write the model's tensors (cast to `dtype`) and its card; returns the card's path. `notes` is free text for
-    the card's readers (how and where the model was trained, what it does not do well).
+    the card's readers (how and where the model was trained, what it does not do well). `framing` says where its
+    training images put a face (`models.framing`): the service aligns uploads to it.
 
     The tensor file is written first and the card last, each through a temporary name, so a reader never sees
     a card that points at a half-written tensor file.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be one of {FRAMINGS}, not {framing!r}")
     card_path, tensor_path = paths(path)
     card_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
@@ -135,6 +140,7 @@ def save(
         "name": card_path.stem,
         "variant": model.config.variant,
         "domains": {"a": model.config.domain_a, "b": model.config.domain_b},
+        "framing": framing,
         "config": model.config.to_dict(),
         "tensors": {
             "file": tensor_path.name,

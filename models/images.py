@@ -64,15 +64,42 @@ def center_crop(img: Image.Image, side: int) -> Image.Image:
     return img.crop((left, top, left + side, top + side))
 
 
-def fit(img: Image.Image, size: int, mode: Fit = "crop", background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
-    """Square `size` x `size` RGB: `crop` keeps the central square, `pad` letterboxes the whole image."""
-    img = to_rgb(img)
+Box = tuple[int, int, int, int]  # left, top, right, bottom (right and bottom exclusive)
+
+
+def fit_box(width: int, height: int, size: int, mode: Fit = "crop") -> tuple[Box, Box]:
+    """Where `fit` takes an image of width x height from, and where it puts it in the `size` square: (the box of the
+    image that is kept, the box of the square it is resized into). `crop` keeps the central square of the image
+    and fills the square with it; `pad` keeps the whole image and letterboxes it, centred, its longer side `size`."""
     if mode == "crop":
-        img = center_crop(img, min(img.size))
-        return img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0) if img.size != (size, size) else img
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return (left, top, left + side, top + side), (0, 0, size, size)
     if mode == "pad":
-        return ImageOps.pad(img, (size, size), Image.Resampling.BICUBIC, color=background)
+        if width >= height:
+            w, h = size, max(1, round(height / width * size))
+        else:
+            w, h = max(1, round(width / height * size)), size
+        x, y = round((size - w) / 2), round((size - h) / 2)
+        return (0, 0, width, height), (x, y, x + w, y + h)
     raise ValueError(f"fit must be 'crop' or 'pad', not {mode!r}")
+
+
+def fit(img: Image.Image, size: int, mode: Fit = "crop", background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Square `size` x `size` RGB: `crop` keeps the central square, `pad` letterboxes the whole image (`fit_box`)."""
+    img = to_rgb(img)
+    src, dst = fit_box(img.width, img.height, size, mode)
+    dst_size = (dst[2] - dst[0], dst[3] - dst[1])
+    if mode == "crop":
+        img = img.crop(src) if src != (0, 0, img.width, img.height) else img
+        return img.resize(dst_size, Image.Resampling.BICUBIC, reducing_gap=3.0) if img.size != dst_size else img
+    if img.size != dst_size:
+        img = img.resize(dst_size, Image.Resampling.BICUBIC)
+    if dst_size == (size, size):
+        return img
+    out = Image.new("RGB", (size, size), background)
+    out.paste(img, dst[:2])
+    return out
 
 
 # Both conversions compute in numpy: they run per image in the service's image threads, where torch's small-tensor

@@ -55,6 +55,9 @@ def same_image(body: bytes, expected: torch.Tensor) -> None:
 
 
 def transfer(client, content: bytes, guide: bytes | None = None, files: dict | None = None, **data):
+    """POST /transfer; answered at the model's resolution (output=model) unless the test asks otherwise, so the
+    answer compares with the core's own output."""
+    data.setdefault("output", "model")
     f = {"content": ("c.png", content, "image/png")}
     if guide is not None:
         f["guide"] = ("g.png", guide, "image/png")
@@ -161,7 +164,7 @@ def test_transfer_formats_and_sizes(service):
     png_answer = transfer(service, content, guide).content
     for how in ({"format": "json"}, {}):
         headers = {} if how else {"accept": "application/json"}
-        r = service.post("/transfer", files={"content": ("c", content), "guide": ("g", guide)}, data=how, headers=headers)
+        r = service.post("/transfer", files={"content": ("c", content), "guide": ("g", guide)}, data={**how, "output": "model"}, headers=headers)
         assert r.headers["content-type"] == "application/json"
         j = r.json()
         assert j["media_type"] == "image/png" and (j["width"], j["height"]) == (64, 64) and j["model"] == "smile_glasses"
@@ -209,7 +212,7 @@ def test_model_selection(make_service, two_model_weights):
 @pytest.mark.parametrize("attribute,which", [("a", 0), ("b", 1), ("both", 2), ("glasses", 1), ("auto", None)])
 def test_remove_attribute(service, attribute, which):
     image = png(1)
-    r = service.post("/remove-attribute", files={"image": ("x.png", image, "image/png")}, data={"attribute": attribute})
+    r = service.post("/remove-attribute", files={"image": ("x.png", image, "image/png")}, data={"attribute": attribute, "output": "model"})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     model = entry_of(service).model
     x = as_input(service, image)

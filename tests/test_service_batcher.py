@@ -233,9 +233,43 @@ def test_render_jobs_encode_only_the_codes_they_read_and_fail_alone(tiny_model):
     calls = {s.labels["kind"]: s.value for m in metrics.batch_size.collect() for s in m.samples if s.name == "did_batch_size_count"}
     assert calls["encode"] < len(xs)  # shared encode calls
     with torch.inference_mode():
-        for x, (image, mask, extra) in zip(xs, results[:-1]):
-            assert extra == "ok" and mask is None
+        for x, (image, mask, extra, errors) in zip(xs, results[:-1]):
+            assert extra == "ok" and mask is None and errors is None
             assert torch.allclose(image, tiny_model.transfer(x[:1], x[1:], target=1), atol=1e-5)
+
+
+def test_scored_render_jobs_measure_every_image_s_reconstruction_error(tiny_model):
+    """score=True: each job gets the reconstruction error of each of its images (content and guide), the same as
+    models.calibration computes alone, from one extra decode call for the whole batch; unscored jobs get None."""
+    from models.calibration import reconstruction_error
+
+    torch.manual_seed(2)
+    xs = [torch.rand(2, 3, 64, 64) * 2 - 1 for _ in range(3)]
+    parts = tiny_model.transfer_parts(1)
+
+    def plan(codes):
+        c, g = codes
+        return tiny_model.transfer_edit(c, g, torch.tensor([1])), None
+
+    async def go():
+        metrics = Metrics()
+        b = Batcher("m", tiny_model, max_batch=32, max_wait_ms=50, queue_size=16, metrics=metrics)
+        b.start()
+        try:
+            return await asyncio.gather(*(b.render(x, plan, parts, score=i < 2) for i, x in enumerate(xs))), metrics
+        finally:
+            await b.stop()
+
+    results, metrics = run(go())
+    with torch.inference_mode():
+        for i, (x, r) in enumerate(zip(xs, results)):
+            if i < 2:
+                torch.testing.assert_close(r.errors, reconstruction_error(tiny_model, x), atol=1e-5, rtol=1e-4)
+                assert torch.allclose(r.images, tiny_model.transfer(x[:1], x[1:], target=1), atol=1e-5)
+            else:
+                assert r.errors is None
+    calls = {s.labels["kind"]: s.value for m in metrics.batch_size.collect() for s in m.samples if s.name == "did_batch_size_count"}
+    assert calls["score"] <= calls["render"]
 
 
 # --- deadlines, clients that go away, where the time goes -----------------------------------------------------------

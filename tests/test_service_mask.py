@@ -45,6 +45,8 @@ def gray(body: bytes) -> np.ndarray:
 
 
 def post(client, path: str, image: bytes, **data):
+    """POST an image; answered at the model's resolution (output=model) unless the test asks otherwise."""
+    data.setdefault("output", "model")
     return client.post(path, files={"image": ("x.png", image, "image/png")}, data={k: str(v) for k, v in data.items()})
 
 
@@ -87,7 +89,7 @@ def test_segment_sizes_formats_and_json(client):
         mask = model.segment(as_input(image), "both")[0]
     for how, headers in (({"format": "json"}, {}), ({}, {"accept": "application/json"})):
         r = client.post("/segment", files={"image": ("x.png", image, "image/png")},
-                        data={"model": MASK, "attribute": "both", "threshold": "0.3", **how}, headers=headers)
+                        data={"model": MASK, "attribute": "both", "threshold": "0.3", "output": "model", **how}, headers=headers)
         assert r.status_code == 200 and r.headers["content-type"] == "application/json"
         j = r.json()
         assert {"image", "media_type", "width", "height", "threshold", "area", "bbox", "model", "meta"} <= set(j)
@@ -131,7 +133,7 @@ def test_segment_refuses_a_plain_model_and_bad_parameters(client):
 def test_transfer_on_a_mask_model_with_include_mask(client):
     content, guide = png(0), png(1)
     files = {"content": ("c.png", content, "image/png"), "guide": ("g.png", guide, "image/png")}
-    r = client.post("/transfer", files=files, data={"model": MASK, "target": "a", "include_mask": "true", "format": "json"})
+    r = client.post("/transfer", files=files, data={"model": MASK, "output": "model", "target": "a", "include_mask": "true", "format": "json"})
     assert r.status_code == 200, r.text
     j = r.json()
     model = model_of(client)
@@ -147,18 +149,18 @@ def test_transfer_on_a_mask_model_with_include_mask(client):
     want = mask[0, 0].mul(255).round().numpy().astype(np.int16)
     assert np.abs(gray(base64.b64decode(m["image"])) - want).max() <= 1
     # an image answer carries the image and the mask's area as a header; the mask's pixels need JSON
-    r = client.post("/transfer", files=files, data={"model": MASK, "target": "a", "include_mask": "true"})
+    r = client.post("/transfer", files=files, data={"model": MASK, "output": "model", "target": "a", "include_mask": "true"})
     assert r.headers["content-type"] == "image/png" and float(r.headers["x-mask-area"]) == pytest.approx(m["area"], abs=1e-6)
     same_image(r.content, expected[0])
     # without include_mask: no mask
-    r = client.post("/transfer", files=files, data={"model": MASK, "target": "a", "format": "json"})
+    r = client.post("/transfer", files=files, data={"model": MASK, "output": "model", "target": "a", "format": "json"})
     assert r.json().get("mask") is None and "x-mask-area" not in r.headers
 
 
 def test_intersection_on_a_mask_model(client):
     content, ga, gb = png(0), png(2), png(1)
     files = {"content": ("c", content), "guide_a": ("a", ga), "guide_b": ("b", gb)}
-    r = client.post("/transfer", files=files, data={"model": MASK})
+    r = client.post("/transfer", files=files, data={"model": MASK, "output": "model"})
     assert r.status_code == 200, r.text
     with torch.inference_mode():
         expected = model_of(client).intersect(as_input(content), as_input(ga), as_input(gb))
@@ -226,7 +228,7 @@ def test_render_jobs_batched_equal_alone(mask_weights):
 
     results = asyncio.run(go())
     with torch.inference_mode():
-        for i, (x, (image, mask, _)) in enumerate(zip(images, results)):
+        for i, (x, (image, mask, _, _)) in enumerate(zip(images, results)):
             edit, _ = plan_for(i)([model.encode(x[j : j + 1]) for j in range(2)])
             want_image, want_mask = model.render(x[:1], edit)
             assert image.shape == (1, 3, 64, 64) and mask.shape == (1, 1, 64, 64)

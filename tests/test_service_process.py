@@ -54,7 +54,7 @@ def test_did_serve_answers_transfer_over_http(service_weights):
         r = httpx.post(base + "/transfer", files=files, timeout=30)
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         im = Image.open(io.BytesIO(r.content))
-        assert im.format == "PNG" and im.size == (64, 64)
+        assert im.format == "PNG" and im.size == (200, 200) and r.headers["x-output"] == "full"  # the content's own size
         assert r.headers["x-detected-domain"] in ("smile", "glasses")
         assert httpx.get(base + "/healthz").json() == {"status": "ok"}
     finally:

@@ -176,15 +176,38 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """Copy a run's checkpoint into a weights directory under its serving name, in the storage dtype asked for."""
+    """Copy a run's checkpoint into a weights directory under its serving name, in the storage dtype asked for, and
+    calibrate the copy (its own dtype's reconstructions)."""
     from models import checkpoint
+    from models.framing import framing_of
 
     model = checkpoint.load(args.run)
     card = model.card
     dtype = args.dtype or card["tensors"].get("dtype", "float32")
     out = checkpoint.save(model, args.out, training=card.get("training", {}), metrics=card.get("metrics", {}), dtype=dtype,
-                          notes=args.notes if args.notes is not None else card.get("notes"))
+                          framing=framing_of(card), notes=args.notes if args.notes is not None else card.get("notes"))
     print(f"wrote {out} ({dtype})")
+    if args.calibration_n:
+        from .calibration import calibrate_checkpoint
+
+        if not card.get("training", {}).get("data", {}).get("kind"):
+            print(f"{out}: not calibrated: its card names no training data (`did calibrate` needs it)", file=sys.stderr)
+            return 0
+        calibrate_checkpoint(out, n=args.calibration_n)
+        print(f"wrote the out-of-domain calibration of {out} ({args.calibration_n} images)")
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Measure the out-of-domain calibration of a checkpoint on its training data and write it into its card."""
+    from models import resolve_device
+
+    from .calibration import calibrate_checkpoint
+
+    card, result = calibrate_checkpoint(args.model, n=args.n, batch_size=args.batch_size, device=resolve_device(args.device))
+    p = result.percentiles
+    print(f"wrote the calibration of {card} ({result.n} images): error p50 {p['p50']:.4f} p99 {p['p99']:.4f} "
+          f"p99.9 {p['p99.9']:.4f} max {p['max']:.4f}; {result.rule}")
     return 0
 
 
@@ -206,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     from models.checkpoint import DTYPES
 
     from . import synthetic
+    from .calibration import DEFAULT_N
 
     p = argparse.ArgumentParser(prog="did", description="Domain intersection and domain difference: train, preview data, serve.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -259,7 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", choices=tuple(DTYPES), help="storage dtype (default: the run's)")
     ex.add_argument("--notes", help="free text for the card's readers: how and where it was trained, what it does not do "
                                     "well (default: the run card's notes, if any)")
+    ex.add_argument("--calibration-n", type=int, default=DEFAULT_N, metavar="N",
+                    help=f"training images the out-of-domain calibration is measured on (default {DEFAULT_N}; 0: none)")
     ex.set_defaults(func=run_export)
+
+    ca = sub.add_parser("calibrate", help="measure a checkpoint's out-of-domain threshold and write it into its card",
+                        description="Write the card's out-of-domain calibration: percentiles of the reconstruction "
+                                    "error over images of the card's training data, and the threshold above which an "
+                                    "image counts as unlike them. The tensors are left untouched.")
+    ca.add_argument("--model", type=Path, required=True, help="checkpoint (DIR/NAME, NAME.json or a run directory)")
+    ca.add_argument("--n", type=int, default=DEFAULT_N, help=f"images to measure (default {DEFAULT_N})")
+    ca.add_argument("--batch-size", type=int, default=256)
+    ca.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    ca.set_defaults(func=run_calibrate)
 
     jd = sub.add_parser("judge", help="the attribute classifier of the evaluation").add_subparsers(dest="judge_command", required=True)
     jt = jd.add_parser("train", help="train the judge on labelled synthetic renders (or CelebA) and record its test accuracy")

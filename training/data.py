@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from models.framing import CELEBA_CROP, Framing
 from models.images import Fit, center_crop, fit as fit_image, load_rgb, to_tensor
 
 log = logging.getLogger("did.data")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
-CELEBA_CROP = 178  # published preprocessing: central 178x178 of the 178x218 aligned faces, then resize
 CELEBA_SPLITS = {"train": 0, "val": 1, "test": 2}
 
 Key = tuple[int, int, bool]  # (domain 0/1, index into that domain's files, horizontal flip)
@@ -39,6 +39,7 @@ class PairSource(Protocol):
 
     domains: tuple[str, str]
     image_size: int
+    framing: Framing  # where its images put a face; the checkpoint's card records it (models.framing)
 
     def describe(self) -> dict: ...
 
@@ -216,6 +217,8 @@ class ImageFolderPairs(_FilePairs):
     fail to decode later are substituted at load time and counted too.
     """
 
+    framing: Framing = "none"
+
     def __init__(self, dir_a: str | Path, dir_b: str | Path, image_size: int = 128, fit: Fit = "crop", *,
                  hflip: bool = False):
         dirs = (Path(dir_a), Path(dir_b))
@@ -353,6 +356,8 @@ class CelebAPairs(_FilePairs):
     Only file existence is checked up front (200k files); broken files are substituted and counted at load time.
     Without a partition file every image is "train".
     """
+
+    framing: Framing = "celeba"
 
     def __init__(self, root: str | Path, pair: str, image_size: int = 128, split: str = "train", *,
                  hflip: bool = False):

@@ -280,7 +280,7 @@ def train_stage(stage: Stage, recipe: Recipe, *, source: PairSource, out: Path, 
         """Rank 0: the stage's inference checkpoint (fp32), then the training state (each written atomically)."""
         if not d.main:
             return
-        checkpoint.save(model, out / "model", training={**training, "steps": at_step})
+        checkpoint.save(model, out / "model", training={**training, "steps": at_step}, framing=source.framing)
         _atomic_torch_save(
             {
                 "step": at_step,

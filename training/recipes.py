@@ -8,7 +8,8 @@ recipe OTHER first, so a mask recipe can begin from its pair's plain recipe.
 
 Every stage trains into OUT/stages/NN-NAME/ and starts from the previous stage's weights with fresh optimisers and
 a fresh latent discriminator; the last stage's weights are written to OUT/model in the recipe's storage dtype, its
-card recording the recipe, its sha256, every stage and the overrides. Re-running the same command continues where
+card recording the recipe, its sha256, every stage, the overrides and the out-of-domain calibration
+(`training/calibration.py`). Re-running the same command continues where
 the run stopped: inside a stage from its last checkpoint, at a boundary with the next stage.
 """
 from __future__ import annotations
@@ -404,7 +405,10 @@ def run(recipe: Recipe, out: Path, opts, overrides: dict[str, Any] | None = None
         final = checkpoint.load(init)
         training = {**provenance, "stages": records, "steps": sum(r["steps"] for r in records),
                     "minutes": round(sum(r["minutes"] for r in records), 2)}
-        card = checkpoint.save(final, out / "model", training=training, dtype=recipe.save_dtype)
+        card = checkpoint.save(final, out / "model", training=training, dtype=recipe.save_dtype, framing=source.framing)
+        from .calibration import calibrate_checkpoint
+
+        calibrate_checkpoint(card, device=device)  # of the tensors as stored (rounded to the save dtype)
     _finish(d)
     return card if card is not None else checkpoint.paths(out / "model")[0]
 

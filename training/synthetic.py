@@ -692,6 +692,8 @@ _CALL_PIXELS = {"cpu": 1 << 21, "cuda": 1 << 24}
 class SyntheticPairs:
     """Endless training stream of (a, b) batches for one pair, rendered on the training device."""
 
+    framing = "synthetic"
+
     def __init__(self, pair: str, image_size: int = 128, seed: int = TRAIN_SEED):
         if pair not in PAIRS:
             raise ValueError(f"unknown pair {pair!r}; expected one of {tuple(PAIRS)}")

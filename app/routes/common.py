@@ -45,17 +45,28 @@ async def mask_json(mask: torch.Tensor, threshold: float, size: int | None, png_
 
 
 async def image_response(image: torch.Tensor, out: Output, entry: LoadedModel, meta: dict[str, str] | None = None, *,
-                         path: bool = False, mask: tuple[torch.Tensor, float] | None = None) -> Response:
+                         path: bool = False, mask: tuple[torch.Tensor, float] | None = None,
+                         full: tuple[imaging.Placed, torch.Tensor] | None = None) -> Response:
     """Encode (off the event loop) one (3, S, S) image, or (T, 3, S, S) frames when `path`, as the request asked.
 
-    `mask` (a (1, S, S) mask and the threshold of its area) adds the edit's mask: as MaskJSON under "mask" in a
-    JSON answer; an image answer has room for the image alone, so it only gets the area (X-Mask-Area)."""
+    `full` (the upload's Placed and its rows' (k, S, S) weights) answers at the upload's size instead: `image` is
+    then the (k, 3, S, S) edits of its rows, pasted back over the upload through the weights.
+    `mask` (a mask, (1, S, S), or (k, 1, S, S) with `full`, and the threshold of its area) adds the edit's mask: as
+    MaskJSON under "mask" in a JSON answer (at the answer's size); an image answer has room for the image alone, so
+    it only gets the area (X-Mask-Area)."""
     meta = dict(meta or {})
-    enc = await imaging.encode_async(imaging.encode_path if path else imaging.encode, image, out.format, out.size, out.png_level)
+    if full is not None:
+        placed, weights = full
+        enc = await imaging.encode_async(imaging.encode_pasted, placed, image, weights, out.format, out.png_level)
+        mask = None if mask is None else (imaging.warped_mask(placed, mask[0]), mask[1])
+        size = None
+    else:
+        enc = await imaging.encode_async(imaging.encode_path if path else imaging.encode, image, out.format, out.size, out.png_level)
+        size = out.size
     extra: dict[str, Any] = {}
     if mask is not None:
         if out.format == "json":
-            extra["mask"] = await mask_json(mask[0], mask[1], out.size, out.png_level)
+            extra["mask"] = await mask_json(mask[0], mask[1], size, out.png_level)
             meta["mask_area"] = f"{extra['mask']['area']:.6f}"
         else:
             meta["mask_area"] = f"{imaging.mask_extent(mask[0], mask[1])[0]:.6f}"

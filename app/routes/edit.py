@@ -5,22 +5,32 @@ Each is one `render` job of the batcher: encode (one batched call per encoder fo
 each image encoded only into the codes its edit reads: the core's `transfer_parts`, `intersect_parts`,
 `remove_parts`) -> the core's Edit of each request's codes (`transfer_edit`, `intersect_edit`, `remove_edit`) -> the
 core's `render` (one batched call). A plain model decodes the recombined codes; a mask model pastes the new attribute through its mask
-onto the uploaded image itself, and answers the masks that /segment and `include_mask` return."""
+onto the uploaded image itself, and answers the masks that /segment and `include_mask` return.
+
+Around that, each request places its uploads in the model's square (`placing`): fitted (`fit=`), or for a model
+trained on aligned faces (framing celeba, `align=auto`) aligned on each chosen face's eyes; answers at the upload's
+size (`output=full`, the default) paste the edit back over the upload through `weights`. With the domain check on,
+every upload is also scored against the card's calibration (`domain_meta`; `strict=true` refuses one out of domain)."""
 from __future__ import annotations
 
-from typing import Any
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 
 from models import Codes, Disentangler, Edit
 from models.disentangler import REMOVAL_THRESHOLD
+from models.framing import Framing, border, framing_of, region
 
-from .. import imaging
+from .. import faces, imaging
 from ..deps import AcceptHeader, RegistryDep, RemoveBody, SegmentBody, SettingsDep, TransferBody, output
-from ..errors import BadRequest
+from ..errors import BadRequest, OutOfDomain
 from ..registry import LoadedModel
+from ..settings import Settings
 from ..schemas import SegmentJSON
 from .common import IMAGE_RESPONSES, headers_for, image_response, mask_json
 
@@ -50,10 +60,108 @@ def _which(entry: LoadedModel, attribute: str) -> int | None:
 
 
 def _chosen(model: Disentangler, codes: Codes, which: int | None) -> torch.Tensor:
-    """(1,) the domain (or 2: both) an edit of one image works on: `which`, or when None the domain its codes show."""
+    """(N,) the domain (or 2: both) an edit of each image works on: `which`, or when None the domain its codes show."""
     if which is None:
         return model.detect(codes)
-    return torch.full((1,), which, device=next(t for t in codes if t is not None).device)
+    like = next(t for t in codes if t is not None)
+    return torch.full((like.shape[0],), which, device=like.device)
+
+
+@dataclass(frozen=True)
+class Placing:
+    """How a request's uploads meet the model: aligned on a face (the model's framing, when it has canonical eyes)
+    or fitted, and whether the answer is at the upload's size (`full`) or the model's."""
+
+    framing: Framing
+    align: Framing | None
+    full: bool
+    face: str
+
+
+def placing(entry: LoadedModel, form: Any, settings: Settings, answers: bool = True) -> Placing:
+    """align=, face=, output= and size= of a request, checked against the model."""
+    framing = framing_of(entry.card)
+    align = framing if form.align == "auto" and framing == "celeba" else None
+    if align is None and form.face != "largest":
+        raise BadRequest(f"face= chooses among the faces of an aligned upload; model {entry.name!r} (framing "
+                         f"{framing}) {'is asked for align=none' if framing == 'celeba' else 'does not align uploads'}")
+    full = False
+    if answers:
+        if form.output == "full" and form.size is not None:
+            raise BadRequest("size= scales the model-resolution answer; give output=model with it (output=full answers at the upload's size)")
+        full = (form.output or ("model" if form.size is not None else "full")) == "full"
+        if form.face == "all" and not full:
+            raise BadRequest("face=all edits every face of the upload, which only an answer at its size (output=full) can show")
+    return Placing(framing, align, full, form.face)
+
+
+def detector(settings: Settings) -> Callable[[Image.Image], list[faces.Face]]:
+    return functools.partial(faces.detect, detect_size=settings.face_detect_size, min_score=settings.face_min_score)
+
+
+async def load(entry: LoadedModel, how: Placing, uploads: list[tuple[str, Any]], form: Any, settings: Settings,
+               ) -> tuple[torch.Tensor, list[imaging.Placed]]:
+    """The uploads' model input: the first upload (the image edited) with the face choice, the others (guides) with
+    their largest face."""
+    named = [(name, up, how.face if i == 0 else "largest") for i, (name, up) in enumerate(uploads)]
+    return await imaging.load_placed(named, entry.config.image_size, form.fit, settings.max_upload_bytes, settings.max_pixels,
+                                     full=how.full, align=how.align, detect=detector(settings) if how.align else None)
+
+
+def weights(entry: LoadedModel, how: Placing, masks: torch.Tensor | None, threshold: float | None = None) -> torch.Tensor:
+    """(k, S, S): how much of each row's edit replaces the upload when pasted back. A mask model's own masks ((k, 1,
+    S, S); at `threshold` for a hard removal), a plain model's face region of its framing; both fade out towards the
+    edge of the model's square."""
+    s = entry.config.image_size
+    edge = border(s)
+    if masks is None:
+        return (region(how.framing, s) * edge).expand(1, s, s)
+    m = masks[:, 0].float()
+    if threshold is not None:
+        m = (m > threshold).float()
+    return m * edge
+
+
+def scoring(entry: LoadedModel, form: Any, settings: Settings) -> bool:
+    """Whether this request's uploads are scored against the model's calibration (and strict= is possible)."""
+    if form.strict and entry.calibration is None:
+        raise BadRequest(f"strict=true needs a calibrated model; the card of {entry.name!r} has no calibration "
+                         "(`did calibrate --model` writes one)")
+    if form.strict and not settings.domain_check:
+        raise BadRequest("strict=true needs the domain check, which this service has off (DID_DOMAIN_CHECK=false)")
+    return settings.domain_check and entry.calibration is not None
+
+
+def domain_meta(entry: LoadedModel, placed: list[imaging.Placed], errors: torch.Tensor | None, strict: bool) -> dict[str, str]:
+    """X-Domain-Score (the highest score of the request's uploads), X-Out-Of-Domain and X-Domain-Scores (each
+    upload's, per face: "content:0.812,guide:1.030"); with `strict`, an upload out of domain is a 422."""
+    cal = entry.calibration
+    if errors is None or cal is None:
+        return {}
+    scores, out = cal.score(errors), cal.out_of_domain(errors)
+    fields = [p.field for p in placed for _ in range(p.rows)]
+    if strict and bool(out.any()):
+        i = int(torch.where(out, scores, torch.full_like(scores, -1)).argmax())
+        data = cal.data
+        raise OutOfDomain(
+            f"'{fields[i]}' is outside what model {entry.name!r} was trained on ({data.get('kind', 'its data')} "
+            f"{data.get('pair', '')}".rstrip() + f"): its domain score is {float(scores[i]):.2f} (reconstruction error "
+            f"{float(errors[i]):.4f}), above the threshold {cal.threshold / cal.percentiles['p99']:.2f} ({cal.rule})")
+    per, i = [], 0
+    for p in placed:
+        per.append(f"{p.field}:" + "/".join(f"{float(v):.3f}" for v in scores[i:i + p.rows]))
+        i += p.rows
+    return {"domain_score": f"{float(scores.max()):.3f}", "out_of_domain": "true" if bool(out.any()) else "false",
+            "domain_scores": ",".join(per)}
+
+
+def _plain_rows(w: torch.Tensor, k: int) -> torch.Tensor:
+    return w.expand(k, *w.shape[1:]) if w.shape[0] == 1 else w
+
+
+def _joined(names: list[str]) -> str:
+    """One value per edited face, comma-separated (a single face: its value alone)."""
+    return ",".join(names)
 
 
 @router.post("/transfer", response_class=Response, summary="Put the guide's attribute on the content image")
@@ -77,60 +185,83 @@ async def transfer(form: TransferBody, settings: SettingsDep, registry: Registry
         uploads = [("content", form.content), ("guide", form.guide)]
     entry = registry.get(form.model)
     out = output(settings, form.format, accept, form.size)
+    how = placing(entry, form, settings)
     wanted = None if form.target is None else _domain(entry, form.target, "target")
     if form.include_mask:
         _needs_mask(entry, "include_mask")
 
     cfg, model = entry.config, entry.model
-    x = await imaging.load_images(uploads, cfg.image_size, form.fit, settings.max_upload_bytes, settings.max_pixels)
+    x, placed = await load(entry, how, uploads, form, settings)
+    k = placed[0].rows  # the content's rows (faces); one row per guide
     strength, keep = form.strength, form.keep
-
-    parts = model.intersect_parts() if intersection else model.transfer_parts(wanted, keep)
+    one = model.intersect_parts() if intersection else model.transfer_parts(wanted, keep)
+    parts = (one[0],) * k + one[1:]
 
     def plan(codes: list[Codes]) -> tuple[Edit, int | None]:  # runs in the model's thread, on its device
+        content, guides = Codes.cat(codes[:k]), [Codes.cat([g] * k) for g in codes[k:]]
         if intersection:  # G(E_c(c), s E_sA(guide_a), s E_sB(guide_b))
-            return model.intersect_edit(*codes, strength), None
-        c, g = codes
-        to = _chosen(model, g, wanted)
-        return model.transfer_edit(c, g, to, strength, keep), None if wanted is not None else int(to[0])
+            return model.intersect_edit(content, *guides, strength), None
+        to = _chosen(model, codes[k], wanted)
+        return model.transfer_edit(content, guides[0], to.expand(k), strength, keep), None if wanted is not None else int(to[0])
 
-    image, mask, detected = await entry.batcher.render(x, plan, parts)
+    image, mask, detected, errors = await entry.batcher.render(x, plan, parts, score=scoring(entry, form, settings))
     if intersection:
         meta = {"target_domain": f"{cfg.domain_a}+{cfg.domain_b}"}
     elif detected is None:
         meta = {"target_domain": entry.domains[wanted]}
     else:
         meta = {"detected_domain": entry.domains[detected], "target_domain": entry.domains[detected]}
-    shown = (mask[0], TRANSFER_MASK_THRESHOLD) if form.include_mask and mask is not None else None
-    return await image_response(image[0], out, entry, meta, mask=shown)
+    meta.update(_placing_meta(how, placed[0]))
+    meta.update(domain_meta(entry, placed, errors, form.strict))
+    shown = (mask if how.full else mask[0], TRANSFER_MASK_THRESHOLD) if form.include_mask and mask is not None else None
+    full = (placed[0], _plain_rows(weights(entry, how, mask), k)) if how.full else None
+    return await image_response(image if how.full else image[0], out, entry, meta, mask=shown, full=full)
+
+
+def _placing_meta(how: Placing, placed: imaging.Placed) -> dict[str, str]:
+    """X-Faces (faces found) and X-Faces-Edited of an aligned upload; X-Output always."""
+    meta = {"output": "full" if how.full else "model"}
+    if how.align is not None:
+        meta.update(faces=str(placed.faces), faces_edited=str(placed.rows))
+    return meta
 
 
 @router.post("/remove-attribute", response_class=Response, summary="Remove the separate attribute(s) of an image")
 async def remove_attribute(form: RemoveBody, settings: SettingsDep, registry: RegistryDep, accept: AcceptHeader = None) -> Response:
     """Plain models: G(E_c(x), 0, E_sB(x)) (attribute a), G(E_c(x), E_sA(x), 0) (b), G(E_c(x), 0, 0) (both).
     Mask models keep the upload's pixels and replace only where the attribute's mask exceeds `threshold` (or blend
-    by it with `soft`) with G(E_c(x), 0, 0). Header X-Removed, and X-Detected-Domain for attribute=auto."""
+    by it with `soft`) with G(E_c(x), 0, 0). Header X-Removed, and X-Detected-Domain for attribute=auto (one value
+    per edited face, comma-separated, with face=all)."""
     entry = registry.get(form.model)
     out = output(settings, form.format, accept, form.size)
+    how = placing(entry, form, settings)
     which = _which(entry, form.attribute)
     for given, what in ((form.threshold is not None, "threshold"), (form.soft is not None, "soft"), (form.include_mask, "include_mask")):
         if given:
             _needs_mask(entry, what)
     threshold = REMOVAL_THRESHOLD if form.threshold is None else form.threshold
     soft = bool(form.soft)
-    cfg, model = entry.config, entry.model
-    x = await imaging.load_images([("image", form.image)], cfg.image_size, form.fit, settings.max_upload_bytes, settings.max_pixels)
+    model = entry.model
+    x, placed = await load(entry, how, [("image", form.image)], form, settings)
+    k = placed[0].rows
 
-    def plan(codes: list[Codes]) -> tuple[Edit, int]:  # runs in the model's thread, on its device
-        dropped = _chosen(model, codes[0], which)
-        return model.remove_edit(codes[0], dropped, threshold, soft), int(dropped[0])
+    def plan(codes: list[Codes]) -> tuple[Edit, list[int]]:  # runs in the model's thread, on its device
+        rows = Codes.cat(codes)
+        dropped = _chosen(model, rows, which)
+        return model.remove_edit(rows, dropped, threshold, soft), dropped.tolist()
 
-    result, mask, dropped = await entry.batcher.render(x, plan, (model.remove_parts(which),))
-    meta = {"detected_domain": entry.domains[dropped]} if which is None else {}
-    meta["removed"] = "+".join(entry.domains) if dropped == 2 else entry.domains[dropped]
+    result, mask, dropped, errors = await entry.batcher.render(x, plan, (model.remove_parts(which),) * k,
+                                                               score=scoring(entry, form, settings))
+    name = lambda d: "+".join(entry.domains) if d == 2 else entry.domains[d]  # noqa: E731
+    meta = {"detected_domain": _joined([entry.domains[d] for d in dropped])} if which is None else {}
+    meta["removed"] = _joined([name(d) for d in dropped])
+    meta.update(_placing_meta(how, placed[0]))
+    meta.update(domain_meta(entry, placed, errors, form.strict))
     # the area of a hard removal counts the pixels it replaced; a soft one's, those mostly replaced
-    shown = (mask[0], 0.5 if soft else threshold) if form.include_mask and mask is not None else None
-    return await image_response(result[0], out, entry, meta, mask=shown)
+    cut = 0.5 if soft else threshold
+    shown = (mask if how.full else mask[0], cut) if form.include_mask and mask is not None else None
+    full = (placed[0], _plain_rows(weights(entry, how, mask, None if soft else threshold), k)) if how.full else None
+    return await image_response(result if how.full else result[0], out, entry, meta, mask=shown, full=full)
 
 
 SEGMENT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -148,23 +279,31 @@ async def segment(form: SegmentBody, settings: SettingsDep, registry: RegistryDe
     entry = registry.get(form.model)
     _needs_mask(entry, "/segment")
     out = output(settings, form.format, accept, form.size)
+    how = placing(entry, form, settings)
     which = _which(entry, form.attribute)
     model = entry.model
-    x = await imaging.load_images([("image", form.image)], entry.config.image_size, form.fit, settings.max_upload_bytes,
-                                  settings.max_pixels)
+    x, placed = await load(entry, how, [("image", form.image)], form, settings)
+    k = placed[0].rows
 
-    def plan(codes: list[Codes]) -> tuple[Edit, int]:  # the mask of a removal is the attribute's mask
-        segmented = _chosen(model, codes[0], which)
-        return model.remove_edit(codes[0], segmented), int(segmented[0])
+    def plan(codes: list[Codes]) -> tuple[Edit, list[int]]:  # the mask of a removal is the attribute's mask
+        rows = Codes.cat(codes)
+        segmented = _chosen(model, rows, which)
+        return model.remove_edit(rows, segmented), segmented.tolist()
 
-    _, mask, segmented = await entry.batcher.render(x, plan, (model.remove_parts(which),))
-    assert mask is not None  # a mask model
-    meta = {"detected_domain": entry.domains[segmented]} if which is None else {}
-    meta["attribute"] = "+".join(entry.domains) if segmented == 2 else entry.domains[segmented]
+    _, masks, segmented, errors = await entry.batcher.render(x, plan, (model.remove_parts(which),) * k,
+                                                             score=scoring(entry, form, settings))
+    assert masks is not None  # a mask model
+    name = lambda d: "+".join(entry.domains) if d == 2 else entry.domains[d]  # noqa: E731
+    meta = {"detected_domain": _joined([entry.domains[d] for d in segmented])} if which is None else {}
+    meta["attribute"] = _joined([name(d) for d in segmented])
+    meta.update(_placing_meta(how, placed[0]))
+    meta.update(domain_meta(entry, placed, errors, form.strict))
+    mask = imaging.warped_mask(placed[0], masks) if how.full else masks[0]
+    size = None if how.full else out.size
     if out.format == "json":
-        body = await mask_json(mask[0], form.threshold, out.size, out.png_level)
+        body = await mask_json(mask, form.threshold, size, out.png_level)
         meta["mask_area"] = f"{body['area']:.6f}"
         return JSONResponse({**body, "model": entry.name, "meta": meta}, headers=headers_for(entry, meta))
-    enc = await imaging.encode_async(imaging.encode_mask, mask[0], out.format, out.size, out.png_level)
-    meta["mask_area"] = f"{imaging.mask_extent(mask[0], form.threshold)[0]:.6f}"
+    enc = await imaging.encode_async(imaging.encode_mask, mask, out.format, size, out.png_level)
+    meta["mask_area"] = f"{imaging.mask_extent(mask, form.threshold)[0]:.6f}"
     return Response(enc.body, media_type=enc.media_type, headers=headers_for(entry, meta))

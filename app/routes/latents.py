@@ -7,15 +7,16 @@ import torch
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from models import Codes
+from models import Codes, Disentangler
+from models.calibration import reconstruction_error
 from models.disentangler import SPACES
 
-from .. import imaging
 from ..deps import EncodeBody, PathOutput, QueryOutput, RegistryDep, SettingsDep, StoreDep
 from ..errors import PROBLEM_RESPONSES, BadRequest
 from ..schemas import CodeSource, DecodeRequest, EncodeResponse, Latents
 from ..store import Latent
 from .common import IMAGE_RESPONSES, PATH_RESPONSES, image_response
+from .edit import domain_meta, load, placing, scoring
 
 router = APIRouter(tags=["latents"])
 
@@ -26,8 +27,17 @@ CODE_NAMES = ("common", "sep_a", "sep_b")
 async def encode(form: EncodeBody, settings: SettingsDep, registry: RegistryDep, store: StoreDep) -> EncodeResponse:
     """The latent id (valid for DID_LATENT_TTL_S seconds), the domain scores and the detected domain."""
     entry = registry.get(form.model)
-    x = await imaging.load_images([("image", form.image)], entry.config.image_size, form.fit, settings.max_upload_bytes, settings.max_pixels)
+    how = placing(entry, form, settings, answers=False)
+    if how.face == "all":
+        raise BadRequest("face=all: a latent id holds the codes of one face; give face=K (POST /faces lists them)")
+    x, placed = await load(entry, how, [("image", form.image)], form, settings)
     codes = await entry.batcher.encode(x)
+    verdict = {}
+    if scoring(entry, form, settings):
+        def error(m: Disentangler) -> torch.Tensor:
+            return reconstruction_error(m, x, Codes(*(t.to(m.device, m.dtype) for t in codes)))
+
+        verdict = domain_meta(entry, placed, await entry.batcher.call(error), form.strict)
     scores = entry.model.domain_scores(codes)[0].tolist()
     detected = int(entry.model.detect(codes)[0])
     row = Codes(*(t[0] for t in codes))
@@ -40,6 +50,8 @@ async def encode(form: EncodeBody, settings: SettingsDep, registry: RegistryDep,
         domain_scores={names[0]: scores[0], names[1]: scores[1]},
         detected_domain=names[detected],
         detected="ab"[detected],
+        domain_score=float(verdict["domain_score"]) if verdict else None,
+        out_of_domain=verdict["out_of_domain"] == "true" if verdict else None,
         latents=Latents(**{k: t.flatten().tolist() for k, t in zip(CODE_NAMES, row)}) if form.include_latents else None,
     )
 
