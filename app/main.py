@@ -1,4 +1,4 @@
-"""The FastAPI application: `create_app(settings)` wires settings, models, latent store, routers, errors, metrics.
+"""The FastAPI application: `create_app(settings)` wires settings, models, latent store, routers, errors, docs, metrics.
 
 `uvicorn app.main:create_app --factory` serves it with settings from DID_* variables; `did serve` does the same
 after checking every checkpoint first.
@@ -17,7 +17,7 @@ import anyio.to_thread
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from . import errors
+from . import docs, errors
 from .deps import require_api_key
 from .limits import LimitsMiddleware
 from .metrics import Metrics, MetricsMiddleware
@@ -70,10 +70,13 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # docs.install serves /docs and /redoc with their assets, not the CDN's
+        redoc_url=None,
     )
     app.state.settings, app.state.metrics = settings, metrics
     app.state.registry = app.state.store = None
     errors.install(app)
+    docs.install(app)
     # The key check is a dependency only when keys are configured (then OpenAPI lists the two schemes, too).
     auth = [Depends(require_api_key)] if settings.api_keys else []
     for router in (edit.router, latents.router, faces.router, meta.cards):

@@ -16,6 +16,7 @@ from contextvars import ContextVar
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -59,6 +60,35 @@ def stage(name: str) -> Iterator[None]:
             m.stages.labels(name).observe(time.perf_counter() - start)
 
 
+def route_label(scope: Scope) -> str:
+    """The template of the route that answered: `/latents/{id}` for a route, `/docs/assets/{path}` for a mount
+    (static files), `unmatched` when none did (a 404).
+
+    FastAPI's router names only its own routes (APIRoute) in scope["route"]; for any other route or mount the
+    label is found from the endpoint it ran, among the app's routes."""
+    route = scope.get("route")
+    if isinstance(route, Mount):
+        return route.path_format
+    if route is not None and getattr(route, "path", None):
+        return route.path
+    endpoint, router = scope.get("endpoint"), scope.get("router")
+    if endpoint is None or router is None:
+        return "unmatched"
+    return _find(router.routes, endpoint) or "unmatched"
+
+
+def _find(routes: list[BaseRoute], endpoint: object, prefix: str = "") -> str | None:
+    for route in routes:
+        if isinstance(route, Mount):
+            if route.app is endpoint:
+                return prefix + route.path_format
+            if found := _find(route.routes, endpoint, prefix + route.path):
+                return found
+        elif getattr(route, "endpoint", None) is endpoint:
+            return prefix + route.path
+    return None
+
+
 class MetricsMiddleware:
     """Counts and times every HTTP request by its route template (not its raw path, to bound label values)."""
 
@@ -87,8 +117,7 @@ class MetricsMiddleware:
             _current.reset(token)
             self.metrics.active -= 1
             self.metrics.in_flight.dec()
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = route_label(scope)
             method = scope.get("method", "")
             self.metrics.requests.labels(method, path, str(status)).inc()
             self.metrics.latency.labels(method, path).observe(time.perf_counter() - start)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every benchmark the GPU targets are read from, one after the other: training steps (bench.training), transfer
 # inference with the compiled and reduced-precision variants beside the published code's way (bench.inference), and
-# HTTP load of the service against the naive wrapper on the bundled 64 px weights (bench.http_load). On CUDA each
-# writes its table into docs/benchmarks.md (its section suffixed -gpu); the command lines are below.
+# HTTP load of the service against the naive wrapper on the bundled 64 px weights (bench.http_load). Each gets
+# --write, so on CUDA each writes its table into docs/benchmarks.md (its section suffixed -gpu); the command lines
+# are below.
 #
 #   bash bench/gpu.sh               # on the GPU machine: about 8 minutes on one H100
 #   TINY=1 bash bench/gpu.sh        # the same commands at toy sizes on any machine, writing nothing: a smoke test
@@ -16,13 +17,13 @@ LIMIT=${LIMIT:-240}
 DEVICE=${DEVICE:-auto}
 export PYTHONUNBUFFERED=1
 if [ "${TINY:-0}" = 1 ]; then
-    training=(--steps 2 --configs slim:64:4 --no-write)
-    inference=(--configs paper:128 slim:64 --batches 1 4 --rounds 1 --seconds 0.05 --compile --no-write)
-    http=(--concurrency 1 4 --requests 40 --seconds 2 --warmup 4 --no-write)
+    training=(--steps 2 --configs slim:64:4)
+    inference=(--configs paper:128 slim:64 --batches 1 4 --rounds 1 --seconds 0.05 --compile)
+    http=(--concurrency 1 4 --requests 40 --seconds 2 --warmup 4)
 else
-    training=(--steps 30 --configs paper:128:32 slim:128:32)
-    inference=(--configs paper:128 slim:64 --batches 1 32 256 --rounds 5 --seconds 1 --compile)
-    http=(--concurrency 1 16 64 128 --requests 20000 --seconds 10)
+    training=(--steps 30 --configs paper:128:32 slim:128:32 --write)
+    inference=(--configs paper:128 slim:64 --batches 1 32 256 --rounds 5 --seconds 1 --compile --write)
+    http=(--concurrency 1 16 64 128 --requests 20000 --seconds 10 --write)
 fi
 failed=0
 bench() {  # bench MODULE ARGS...: one benchmark under the time limit; a failure is counted, the rest still run

@@ -3,6 +3,7 @@ obvious wrapper of the model (`bench/naive_wrapper.py`: a synchronous FastAPI en
 model call, PNG out).
 
     python -m bench.http_load [--weights DIR] [--concurrency 1 4 16 64] [--requests 400] [--seconds 20] [--device auto]
+                              [--write]
 
 Starts real uvicorn processes on loopback: `did serve` with the batcher on (DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5;
 batched-bf16 adds DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true where bf16 is native; batched-2w runs two uvicorn
@@ -13,7 +14,7 @@ one worker (but batched-2w) on the same checkpoint and device, and at each concu
 HTTP/1.1 connections by default; `--client httpx` uses httpx.AsyncClient, which costs about 4 ms of CPU per
 request on this class of machine (as much as the service's own work outside the model, taken from the same two
 cores). httpx checks the answers during the warm-up either way. Prints requests/s, p50 and p99 per level and
-writes the table to docs/benchmarks.md.
+the table; --write also writes the table into docs/benchmarks.md.
 Without --weights it uses a slim 64 px checkpoint from weights/ when one exists, else random slim 64 px weights.
 """
 from __future__ import annotations
@@ -254,7 +255,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="the device of every server (auto: CUDA when present)")
     p.add_argument("--client", choices=("raw", "httpx"), default="raw",
                    help="raw: minimal keep-alive HTTP/1.1 on asyncio streams (default); httpx: httpx.AsyncClient")
-    p.add_argument("--no-write", dest="write", action="store_false", help="print only; leave docs/benchmarks.md alone")
+    p.add_argument("--write", action="store_true", help="also write the table into docs/benchmarks.md")
     args = p.parse_args()
     args.configs = args.configs or default_configs(args.device)
 

@@ -4,7 +4,7 @@ spectral norm folded into the weights as the service does, at batch 1 (latency) 
 beside the published code's way of computing it (`bench/reference.py`: the same two encoders and decoder at the
 published widths, its spectral norm's power iteration on every forward) in the same run.
 
-    python -m bench.inference [--device auto] [--configs paper:128 slim:64] [--batches 1 16 256] [--rounds 5]
+    python -m bench.inference [--device auto] [--configs paper:128 slim:64] [--batches 1 16 256] [--rounds 5] [--write]
 
 Variants: fp32; fp32 in channels_last; fp32 compiled (`models/compiled.py`: torch.compile at fixed batch shapes,
 CUDA graphs on CUDA, as DID_COMPILE=compile does); bf16 (weights and activations cast, as DID_DTYPE=bfloat16 does: on
@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each cell is the median")
     p.add_argument("--seconds", type=float, default=0.5, help="timed seconds per cell and round")
     p.add_argument("--compile", action="store_true", help="add the compiled variants (each compiles its shapes first)")
-    p.add_argument("--no-write", action="store_true", help="print the table without writing docs/benchmarks.md")
+    p.add_argument("--write", action="store_true", help="also write the table into docs/benchmarks.md")
     args = p.parse_args()
     device = resolve_device(args.device)
     specs = variants(device, args.compile)
@@ -131,7 +131,7 @@ def main() -> None:
     body = table(["width", "px", "computed by", "precision", "batch", "ms/batch", "images/s", "vs the published code's way",
                   "vs published code on one H100 (4.2 ms at batch 1, 21,900 images/s at 256)"], rows)
     print(body)
-    if not args.no_write:
+    if args.write:
         write_section("inference", "Transfer inference throughput", body + (
             f"\n\nInputs already on the device; one transfer with a known target = the content's common code, the "
             f"guide's separate code, one decode. Each cell is the median of {args.rounds} interleaved rounds of "

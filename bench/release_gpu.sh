@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU, one command: trains the recipes of the shipped checkpoints (training/recipes/) at SIZE px, the loss
 # ablation of smile_glasses (its recipe with one term's weight set to 0) and the judge, all at once on the one GPU
-# (each training a separate process), evaluates every run, then runs the GPU benchmarks on the idle GPU. Every run
+# (each training a separate process), evaluates every run, then runs the GPU benchmarks on the idle GPU
+# (bench/gpu.sh, whose benchmarks write their tables into docs/benchmarks.md: --write). Every run
 # writes into $OUT/<name>/ (plan.json, stages/, the final model.json + model.safetensors).
 #
 #   OUT=runs/release STAGE_STEPS=1500 MINUTES=8 bash bench/release_gpu.sh

@@ -1,6 +1,6 @@
 """Synthetic face renderer throughput: images per second of `training.synthetic` at each image size.
 
-    python -m bench.renderer [--sizes 64 128 256] [--batch 64] [--seconds 5] [--device auto|cpu|cuda]
+    python -m bench.renderer [--sizes 64 128 256] [--batch 64] [--seconds 5] [--device auto|cpu|cuda] [--write]
 
 Three timings per size: `sample + render` (fresh face indices every batch: what the training stream does per
 render call), `render` alone and `render + masks` (images and the three attribute masks, what the evaluation
@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--write", action="store_true", help="also write the table into docs/benchmarks.md")
     args = p.parse_args()
     device = resolve_device(args.device)
     rows = []
@@ -78,7 +79,8 @@ def main() -> None:
             + f"\n\nDevice: {device.type}{threads}. Median batch time over {args.seconds:g} s per cell; `sample + render` "
               "draws fresh face indices every batch, as `SyntheticPairs.batches` does per render call.")
     print(body)
-    write_section("renderer", "Synthetic face renderer throughput", body)
+    if args.write:
+        write_section("renderer", "Synthetic face renderer throughput", body)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training throughput: images per second of one full training step (discriminator + encoders/decoder), inputs
 already on the device, for the published 128 px architecture at batch 32 and the slim preset.
 
-    python -m bench.training [--device auto] [--steps 20] [--configs paper:128:32 slim:128:32] [--precision both]
+    python -m bench.training [--device auto] [--steps 20] [--configs paper:128:32 slim:128:32] [--precision both] [--write]
 
 The published code's anchor on one H100 (fp32 eager, inputs on the GPU): 45.5 ms per step of 32+32 images,
 1,407 images/s."""
@@ -50,7 +50,7 @@ def main() -> None:
                    help="WIDTH:SIZE:BATCH entries (batch per domain)")
     p.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both",
                    help="on CUDA: fp32, bf16 autocast (what training uses) or both (default); the CPU runs fp32")
-    p.add_argument("--no-write", dest="write", action="store_false", help="print only; leave docs/benchmarks.md alone")
+    p.add_argument("--write", action="store_true", help="also write the table into docs/benchmarks.md")
     args = p.parse_args()
     device = resolve_device(args.device)
     amps = [False] if device.type != "cuda" else {"both": [False, True], "fp32": [False], "bf16": [True]}[args.precision]
