@@ -17,7 +17,7 @@ import anyio.to_thread
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from . import docs, errors
+from . import docs, errors, web
 from .deps import require_api_key
 from .limits import LimitsMiddleware
 from .metrics import Metrics, MetricsMiddleware
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.state.registry = app.state.store = None
     errors.install(app)
     docs.install(app)
+    web.install(app, settings.examples)
     # The key check is a dependency only when keys are configured (then OpenAPI lists the two schemes, too).
     auth = [Depends(require_api_key)] if settings.api_keys else []
     for router in (edit.router, latents.router, faces.router, meta.cards):

@@ -24,6 +24,9 @@ from .settings import Settings
 
 log = logging.getLogger("did.app")
 
+PREFERRED_DEFAULT = "smile_glasses_mask"  # the best evaluated bundled model (docs/evaluation.md), when loaded
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -77,7 +80,7 @@ class Registry:
             log.info("loaded %s (%s/%s, %d px) on %s in %.2fs", card.name, model.config.domain_a, model.config.domain_b,
                      model.config.image_size, device, time.perf_counter() - start)
         names = [e.name for e in entries]
-        default = settings.default_model or names[0]
+        default = settings.default_model or (PREFERRED_DEFAULT if PREFERRED_DEFAULT in names else names[0])
         if default not in names:
             raise CheckpointError(f"{weights}: default model {default!r} is not among the checkpoints {names}")
         return cls(entries, default, device, dtype)

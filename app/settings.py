@@ -22,9 +22,12 @@ class Settings(BaseSettings):
 
     # --- models -------------------------------------------------------------------------------------------------
     weights: Path = Field(Path("weights"), description="directory of checkpoints (NAME.json + NAME.safetensors); every card in it is loaded")
+    examples: Path = Field(Path("examples"), description="directory of sample images that the demo page at / offers "
+                           "(index.json + one folder per pair), served at /examples/; missing: no samples")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="compute dtype of the models: any on CUDA; on the CPU float32, or bfloat16 where the CPU has native bf16 (AVX512-BF16 or AMX)")
-    default_model: str | None = Field(None, description="model used when a request names none (default: the first checkpoint by name)")
+    default_model: str | None = Field(None, description="model used when a request names none (default: "
+                                      "smile_glasses_mask when loaded, else the first checkpoint by name)")
     torch_threads: int = Field(0, ge=0, description="intra-op threads of torch per process (0: torch's default, one per "
                                "physical core, shared out among the uvicorn workers)")
     channels_last: bool = Field(False, description="the networks' weights and activations in channels_last memory "

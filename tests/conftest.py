@@ -61,8 +61,8 @@ def two_model_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def mask_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Plain and mask models side by side: smile_glasses (plain, the default: first by name) and smile_glasses_mask
-    (the mask variant), both tiny 64 px with random weights."""
+    """Plain and mask models side by side: smile_glasses (plain) and smile_glasses_mask (the mask variant, the
+    default: the service prefers it when loaded), both tiny 64 px with random weights."""
     root = tmp_path_factory.mktemp("mask_weights")
     _save_tiny(root / "smile_glasses", seed=0)
     _save_tiny(root / "smile_glasses_mask", seed=2, variant="mask")

@@ -120,7 +120,7 @@ def test_mask_extent_of_a_known_mask():
 
 
 def test_segment_refuses_a_plain_model_and_bad_parameters(client):
-    body = assert_problem(post(client, "/segment", png(1)), 400)  # the default model is plain
+    body = assert_problem(post(client, "/segment", png(1), model="smile_glasses"), 400)  # a plain model
     assert "mask" in body["detail"] and "smile_glasses" in body["detail"]
     assert_problem(post(client, "/segment", png(1), model="smile_glasses", format="json"), 400)
     for bad in ("1.5", "-0.1", "lots", "nan", "inf"):
@@ -191,15 +191,15 @@ def test_remove_attribute_threshold_and_soft(client):
 def test_mask_options_on_a_plain_model_are_400(client):
     image = png(1)
     for form in ({"threshold": "0.3"}, {"soft": "true"}, {"include_mask": "true"}):
-        body = assert_problem(post(client, "/remove-attribute", image, **form), 400)
+        body = assert_problem(post(client, "/remove-attribute", image, model="smile_glasses", **form), 400)
         assert "mask" in body["detail"]
     files = {"content": ("c", image), "guide": ("g", png(2))}
-    assert_problem(client.post("/transfer", files=files, data={"include_mask": "true"}), 400)
+    assert_problem(client.post("/transfer", files=files, data={"include_mask": "true", "model": "smile_glasses"}), 400)
     for bad in ("2", "-1", "nan", "many"):
         assert_problem(post(client, "/remove-attribute", image, model=MASK, threshold=bad), 422)
     assert_problem(post(client, "/remove-attribute", image, model=MASK, soft="perhaps"), 422)
     # the plain model's answers are unchanged by the mask options existing
-    assert post(client, "/remove-attribute", image).status_code == 200
+    assert post(client, "/remove-attribute", image, model="smile_glasses").status_code == 200
 
 
 def test_render_jobs_batched_equal_alone(mask_weights):

@@ -1,6 +1,7 @@
 """`did serve` as a real process: it answers /transfer over real HTTP, and a bad checkpoint stops it with one line."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import pytest
@@ -32,14 +34,17 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
-def test_did_serve_answers_transfer_over_http(service_weights):
+@contextlib.contextmanager
+def running_did_serve(weights: Path, env: dict[str, str] | None = None, ready_s: float = 120) -> Iterator[str]:
+    """A real `did serve` process on `weights` (a free port, from the repository root, environment `env` or
+    clean_env()) until the block ends: yields its base URL once /readyz answers 200."""
     port = free_port()
-    proc = subprocess.Popen(did_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), "--weights", str(service_weights),
-                                             "--device", "cpu"], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(did_command() + ["serve", "--host", "127.0.0.1", "--port", str(port), "--weights", str(weights),
+                                             "--device", "cpu"], cwd=ROOT, env=env or clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + ready_s
         while True:
             assert proc.poll() is None, proc.stdout.read().decode()
             try:
@@ -47,8 +52,16 @@ def test_did_serve_answers_transfer_over_http(service_weights):
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, "did serve was not ready within 90 s"
+            assert time.monotonic() < deadline, f"did serve was not ready within {ready_s:g} s"
             time.sleep(0.2)
+        yield base
+    finally:
+        stop_process(proc, grace_s=15)
+
+
+@pytest.mark.slow
+def test_did_serve_answers_transfer_over_http(service_weights):
+    with running_did_serve(service_weights, ready_s=90) as base:
         files = {"content": ("a.png", encode_image(draw_face(0, 200)), "image/png"),
                  "guide": ("b.png", encode_image(draw_face(1, 150)), "image/png")}
         r = httpx.post(base + "/transfer", files=files, timeout=30)
@@ -57,8 +70,6 @@ def test_did_serve_answers_transfer_over_http(service_weights):
         assert im.format == "PNG" and im.size == (200, 200) and r.headers["x-output"] == "full"  # the content's own size
         assert r.headers["x-detected-domain"] in ("smile", "glasses")
         assert httpx.get(base + "/healthz").json() == {"status": "ok"}
-    finally:
-        stop_process(proc, grace_s=15)
 
 
 @pytest.mark.slow

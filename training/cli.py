@@ -1,4 +1,5 @@
-"""The `did` command line: `did train`, `did data preview` (and the service's `did serve` where installed).
+"""The `did` command line: `did train`, `did data preview`, `did data samples` (and the service's `did serve` where
+installed).
 
 `python -m training FLAGS` is `did train FLAGS`, so `torchrun ... -m training FLAGS` launches the same run on any
 number of processes and nodes.
@@ -134,6 +135,44 @@ def run_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+SAMPLES_SEED = 2024  # the faces of examples/: unseen in training and apart from the evaluation's
+
+
+def run_samples(args: argparse.Namespace) -> int:
+    """N faces per kind (domain a, domain b, neither attribute) as `{label}-{i}.png`, and DIR/index.json listing
+    them. Face i of kind k is face 3i + k of the seed, so the kinds are different people and a larger N keeps the
+    first faces."""
+    import json
+
+    import torch
+
+    from models.images import to_pil
+
+    from .synthetic import ATTRIBUTES, PAIRS, SIZES, pair_domain, render, sample_faces
+
+    if args.pair not in PAIRS:
+        raise ValueError(f"unknown pair {args.pair!r}; expected one of {tuple(PAIRS)}")
+    if args.size not in SIZES:
+        raise ValueError(f"--size must be one of {SIZES}, not {args.size}")
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, not {args.n}")
+    kinds = [(PAIRS[args.pair][0], pair_domain(args.pair, "a")), (PAIRS[args.pair][1], pair_domain(args.pair, "b")),
+             ("neither", dict.fromkeys(ATTRIBUTES, False))]
+    args.out.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for k, (label, present) in enumerate(kinds):
+        images = render(sample_faces(torch.arange(args.n) * len(kinds) + k, args.seed, present), args.size)
+        for i, image in enumerate(images):
+            name = f"{label}-{i}.png"
+            to_pil(image).save(args.out / name, optimize=True)
+            samples.append({"file": name, "label": label, "attributes": present})
+    index = {"pair": args.pair, "size": args.size, "seed": args.seed, "samples": samples}
+    (args.out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    print(f"wrote {len(samples)} PNGs and index.json to {args.out}: {args.n} each of {', '.join(k for k, _ in kinds)} "
+          f"({args.size} px, seed {args.seed})")
+    return 0
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from models import Disentangler, checkpoint, resolve_device
 
@@ -254,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--seed", type=int, default=0)
     pv.add_argument("--out", type=Path, default=Path("preview.png"))
     pv.set_defaults(func=run_preview)
+    sm = data.add_parser("samples", help="write sample PNGs of each domain and of neither, with an index.json (examples/)",
+                         description="Write N synthetic faces of each kind of a pair (domain a, domain b, neither "
+                                     "attribute) as DIR/{label}-{i}.png, and DIR/index.json listing each file's label and "
+                                     "attributes.")
+    sm.add_argument("--pair", required=True, choices=tuple(synthetic.PAIRS))
+    sm.add_argument("--out", type=Path, required=True, metavar="DIR")
+    sm.add_argument("--n", type=int, default=3, help="faces per kind (default 3)")
+    sm.add_argument("--size", type=int, default=64, help="pixels per side (default 64, the bundled models' size)")
+    sm.add_argument("--seed", type=int, default=SAMPLES_SEED,
+                    help=f"face seed (default {SAMPLES_SEED}: neither the training seed {synthetic.TRAIN_SEED} nor the "
+                         f"evaluation seeds {synthetic.VALIDATION_SEED} and {synthetic.TEST_SEED})")
+    sm.set_defaults(func=run_samples)
 
     ev = sub.add_parser("eval", help="measure a checkpoint: membership, removal, ground truth, KID/FID, similarity, masks")
     ev.add_argument("--model", type=Path, required=True, help="checkpoint (DIR/NAME, NAME.json or a run directory)")

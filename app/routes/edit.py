@@ -29,7 +29,7 @@ from models.framing import Framing, border, framing_of, region
 from .. import faces, imaging
 from ..deps import AcceptHeader, RegistryDep, RemoveBody, SegmentBody, SettingsDep, TransferBody, output
 from ..errors import BadRequest, OutOfDomain
-from ..registry import LoadedModel
+from ..registry import LoadedModel, Registry
 from ..settings import Settings
 from ..schemas import SegmentJSON
 from .common import IMAGE_RESPONSES, headers_for, image_response, mask_json
@@ -39,11 +39,16 @@ router = APIRouter(tags=["edit"], responses=IMAGE_RESPONSES)
 TRANSFER_MASK_THRESHOLD = 0.5  # the area of a pasted attribute's mask counts the pixels mostly the new attribute's
 
 
-def _domain(entry: LoadedModel, name: str, what: str) -> int:
+def _domain(registry: Registry, entry: LoadedModel, name: str, what: str) -> int:
+    """0 (a) or 1 (b) for 'a', 'b' or a domain's name; a 400 otherwise, naming the loaded models that have it."""
     try:
         return entry.config.domain_index(name)
-    except ValueError as e:
-        raise BadRequest(f"{what}: {e}") from None
+    except ValueError:
+        key = name.strip().lower()
+        others = [e.name for e in registry.entries.values() if key in (d.lower() for d in e.domains)]
+        hint = f"; {key} is a domain of {', '.join(others)} (model=NAME)" if others else ""
+        raise BadRequest(f"{what}: unknown domain {name!r} for model {entry.name!r} (its domains: 'a' = "
+                         f"{entry.domains[0]!r}, 'b' = {entry.domains[1]!r}){hint}") from None
 
 
 def _needs_mask(entry: LoadedModel, what: str) -> None:
@@ -53,10 +58,10 @@ def _needs_mask(entry: LoadedModel, what: str) -> None:
                          "(GET /models lists each model's variant)")
 
 
-def _which(entry: LoadedModel, attribute: str) -> int | None:
+def _which(registry: Registry, entry: LoadedModel, attribute: str) -> int | None:
     """None for auto (the detected domain), 0 (a), 1 (b) or 2 (both)."""
     key = attribute.strip().lower()
-    return None if key == "auto" else 2 if key == "both" else _domain(entry, attribute, "attribute")
+    return None if key == "auto" else 2 if key == "both" else _domain(registry, entry, attribute, "attribute")
 
 
 def _chosen(model: Disentangler, codes: Codes, which: int | None) -> torch.Tensor:
@@ -186,7 +191,7 @@ async def transfer(form: TransferBody, settings: SettingsDep, registry: Registry
     entry = registry.get(form.model)
     out = output(settings, form.format, accept, form.size)
     how = placing(entry, form, settings)
-    wanted = None if form.target is None else _domain(entry, form.target, "target")
+    wanted = None if form.target is None else _domain(registry, entry, form.target, "target")
     if form.include_mask:
         _needs_mask(entry, "include_mask")
 
@@ -235,7 +240,7 @@ async def remove_attribute(form: RemoveBody, settings: SettingsDep, registry: Re
     entry = registry.get(form.model)
     out = output(settings, form.format, accept, form.size)
     how = placing(entry, form, settings)
-    which = _which(entry, form.attribute)
+    which = _which(registry, entry, form.attribute)
     for given, what in ((form.threshold is not None, "threshold"), (form.soft is not None, "soft"), (form.include_mask, "include_mask")):
         if given:
             _needs_mask(entry, what)
@@ -280,7 +285,7 @@ async def segment(form: SegmentBody, settings: SettingsDep, registry: RegistryDe
     _needs_mask(entry, "/segment")
     out = output(settings, form.format, accept, form.size)
     how = placing(entry, form, settings)
-    which = _which(entry, form.attribute)
+    which = _which(registry, entry, form.attribute)
     model = entry.model
     x, placed = await load(entry, how, [("image", form.image)], form, settings)
     k = placed[0].rows
