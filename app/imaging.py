@@ -6,7 +6,7 @@ first frame, EXIF orientation, RGB) and fitted to the model, or kept at full res
 detection. Anything Pillow cannot decode is a 415.
 Outputs: PNG (default), JPEG, WebP, a JSON envelope with base64 PNG; strips and GIF/WebP animations for paths.
 
-Decoding and encoding are blocking Pillow calls; `load_images`, `load_upright` and the `*_async` helpers run them
+Decoding and encoding are blocking Pillow calls; `load_placed`, `load_upright` and the `*_async` helpers run them
 in the event loop's default thread pool (Pillow releases the GIL while it codes), so the event loop only moves bytes.
 """
 from __future__ import annotations
@@ -93,17 +93,6 @@ def decode_rgb(data: bytes, field: str, max_pixels: int = 40_000_000, draft: int
 def decode(data: bytes, field: str, size: int, mode: Fit = "crop", max_pixels: int = 40_000_000) -> torch.Tensor:
     """Encoded image bytes -> (3, size, size) float tensor in [-1, 1]."""
     return to_tensor(fit(decode_rgb(data, field, max_pixels, draft=size), size, mode))
-
-
-async def load_images(uploads: Sequence[tuple[str, UploadFile]], size: int, mode: Fit, max_bytes: int, max_pixels: int) -> torch.Tensor:
-    """Named uploads -> (N, 3, size, size); all decoded in one worker-thread hop."""
-    blobs = [(name, await read_upload(up, name, max_bytes)) for name, up in uploads]
-
-    def work() -> torch.Tensor:
-        return torch.stack([decode(data, name, size, mode, max_pixels) for name, data in blobs])
-
-    with metrics.stage("decode"):
-        return await asyncio.get_running_loop().run_in_executor(None, work)
 
 
 async def load_upright(upload: UploadFile, field: str, max_bytes: int, max_pixels: int) -> Image.Image:

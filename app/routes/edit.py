@@ -113,14 +113,14 @@ async def load(entry: LoadedModel, how: Placing, uploads: list[tuple[str, Any]],
                                      full=how.full, align=how.align, detect=detector(settings) if how.align else None)
 
 
-def weights(entry: LoadedModel, how: Placing, masks: torch.Tensor | None, threshold: float | None = None) -> torch.Tensor:
-    """(k, S, S): how much of each row's edit replaces the upload when pasted back. A mask model's own masks ((k, 1,
-    S, S); at `threshold` for a hard removal), a plain model's face region of its framing; both fade out towards the
-    edge of the model's square."""
+def weights(entry: LoadedModel, how: Placing, masks: torch.Tensor | None, rows: int, threshold: float | None = None) -> torch.Tensor:
+    """(rows, S, S): how much of each row's edit replaces the upload when pasted back. A mask model's own masks
+    ((rows, 1, S, S); at `threshold` for a hard removal), a plain model's face region of its framing; both fade out
+    towards the edge of the model's square."""
     s = entry.config.image_size
     edge = border(s)
     if masks is None:
-        return (region(how.framing, s) * edge).expand(1, s, s)
+        return (region(how.framing, s) * edge).expand(rows, s, s)
     m = masks[:, 0].float()
     if threshold is not None:
         m = (m > threshold).float()
@@ -160,13 +160,9 @@ def domain_meta(entry: LoadedModel, placed: list[imaging.Placed], errors: torch.
             "domain_scores": ",".join(per)}
 
 
-def _plain_rows(w: torch.Tensor, k: int) -> torch.Tensor:
-    return w.expand(k, *w.shape[1:]) if w.shape[0] == 1 else w
-
-
-def _joined(names: list[str]) -> str:
-    """One value per edited face, comma-separated (a single face: its value alone)."""
-    return ",".join(names)
+def _named(entry: LoadedModel, domains: list[int]) -> str:
+    """The domains (0, 1, or 2: both) of the edited faces by name, comma-separated (one face: its name alone)."""
+    return ",".join("+".join(entry.domains) if d == 2 else entry.domains[d] for d in domains)
 
 
 @router.post("/transfer", response_class=Response, summary="Put the guide's attribute on the content image")
@@ -219,7 +215,7 @@ async def transfer(form: TransferBody, settings: SettingsDep, registry: Registry
     meta.update(_placing_meta(how, placed[0]))
     meta.update(domain_meta(entry, placed, errors, form.strict))
     shown = (mask if how.full else mask[0], TRANSFER_MASK_THRESHOLD) if form.include_mask and mask is not None else None
-    full = (placed[0], _plain_rows(weights(entry, how, mask), k)) if how.full else None
+    full = (placed[0], weights(entry, how, mask, k)) if how.full else None
     return await image_response(image if how.full else image[0], out, entry, meta, mask=shown, full=full)
 
 
@@ -257,15 +253,14 @@ async def remove_attribute(form: RemoveBody, settings: SettingsDep, registry: Re
 
     result, mask, dropped, errors = await entry.batcher.render(x, plan, (model.remove_parts(which),) * k,
                                                                score=scoring(entry, form, settings))
-    name = lambda d: "+".join(entry.domains) if d == 2 else entry.domains[d]  # noqa: E731
-    meta = {"detected_domain": _joined([entry.domains[d] for d in dropped])} if which is None else {}
-    meta["removed"] = _joined([name(d) for d in dropped])
+    meta = {"detected_domain": _named(entry, dropped)} if which is None else {}
+    meta["removed"] = _named(entry, dropped)
     meta.update(_placing_meta(how, placed[0]))
     meta.update(domain_meta(entry, placed, errors, form.strict))
     # the area of a hard removal counts the pixels it replaced; a soft one's, those mostly replaced
     cut = 0.5 if soft else threshold
     shown = (mask if how.full else mask[0], cut) if form.include_mask and mask is not None else None
-    full = (placed[0], _plain_rows(weights(entry, how, mask, None if soft else threshold), k)) if how.full else None
+    full = (placed[0], weights(entry, how, mask, k, None if soft else threshold)) if how.full else None
     return await image_response(result if how.full else result[0], out, entry, meta, mask=shown, full=full)
 
 
@@ -298,9 +293,8 @@ async def segment(form: SegmentBody, settings: SettingsDep, registry: RegistryDe
     _, masks, segmented, errors = await entry.batcher.render(x, plan, (model.remove_parts(which),) * k,
                                                              score=scoring(entry, form, settings))
     assert masks is not None  # a mask model
-    name = lambda d: "+".join(entry.domains) if d == 2 else entry.domains[d]  # noqa: E731
-    meta = {"detected_domain": _joined([entry.domains[d] for d in segmented])} if which is None else {}
-    meta["attribute"] = _joined([name(d) for d in segmented])
+    meta = {"detected_domain": _named(entry, segmented)} if which is None else {}
+    meta["attribute"] = _named(entry, segmented)
     meta.update(_placing_meta(how, placed[0]))
     meta.update(domain_meta(entry, placed, errors, form.strict))
     mask = imaging.warped_mask(placed[0], masks) if how.full else masks[0]
