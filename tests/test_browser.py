@@ -235,3 +235,41 @@ def test_a_problem_answer_is_shown_as_its_title_and_detail(page, server):
     screenshot(page, "error")
     # the one console error is Chromium's own line about the 415 response
     assert all("status of 415" in e for e in page.console_errors), page.console_errors
+
+
+@pytest.fixture(scope="module")
+def keyed_server(chromium, tmp_path_factory) -> Iterator[str]:
+    """`did serve` as `server`, but with DID_API_KEYS set: the page and samples are open, the API needs the key."""
+    examples = ROOT / "examples"
+    if not (examples / "index.json").is_file():
+        examples = write_examples(tmp_path_factory.mktemp("keyed") / "examples")
+    env = {**clean_env(), "DID_EXAMPLES": str(examples), "DID_TORCH_THREADS": "1", "DID_API_KEYS": "demo-key"}
+    with running_did_serve(BUNDLED_WEIGHTS, env) as base:
+        yield base
+
+
+def test_with_api_keys_the_page_asks_for_one_and_then_edits(browser, keyed_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 1100})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
+    page.goto(keyed_server + "/")
+    page.wait_for_selector("body[data-ready=true]", timeout=30_000)
+    assert page.is_visible("#error") and page.inner_text("#error .problem-title").startswith("401")
+    assert "Enter it in the API key field above" in page.inner_text("#error .problem-detail")
+    assert page.locator("#model option").count() == 0 and page.locator("#gallery .sample").count() > 0
+    screenshot(page, "api-key-missing")
+
+    page.fill("#api-key", "demo-key")
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
+    assert page.is_hidden("#error")
+    choose_model(page, "smile_glasses")
+    fill_slots_from_pair(page)
+    page.click("#do-transfer")
+    wait_for_result(page)
+    assert page.evaluate("() => document.querySelector('#output-image').naturalWidth") > 0
+    screenshot(page, "api-key-transfer")
+    context.close()
+    assert all("status of 401" in e for e in errors), errors  # Chromium's own line about the first /models answer

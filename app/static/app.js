@@ -75,7 +75,7 @@ async function loadModels() {
     clearError();
     onModelChange();
   } catch (e) {
-    showError(e.status === 401 ? new Problem(401, {title: e.title, detail: `${e.detail} Enter it above.`}) : e);
+    showError(e.status === 401 ? new Problem(401, {title: e.title, detail: `${e.detail.replace(/\.?$/, ".")} Enter it in the API key field above.`}) : e);
   }
 }
 
