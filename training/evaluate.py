@@ -8,6 +8,10 @@ which no training run uses.
 
 Directions are named by the content's domain: `a_to_b` takes domain-a images (attribute x on, y off) and gives
 them the guide's y while removing their x; `b_to_a` the other way round.
+
+A digits model (domains of `training.digits`, e.g. mnist/syndigits) gets the first paper's domain adaptation
+instead (`evaluate_digits`): per direction, how often the target domain's own digit classifier reads the source
+digit's label off its translation, beside the no-adaptation baseline and the classifiers' ceilings.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -28,6 +32,9 @@ from models.disentangler import Disentangler
 from . import metrics, synthetic
 from .markdown import table
 from .judge import Judge
+
+if TYPE_CHECKING:
+    from .digit_judge import DigitJudge
 
 log = logging.getLogger("did.eval")
 
@@ -307,6 +314,117 @@ def evaluate_celeba(model: Disentangler, judge: Judge, *, root: str | Path, n: i
     }
 
 
+# --- digits: the paper's domain adaptation --------------------------------------------------------------------
+
+DIGIT_FORMAT = "did-digit-eval/1"
+# The first paper's unsupervised domain adaptation (its label_kept), by (domain a, domain b).
+PUBLISHED_ADAPTATION = {("mnist", "svhn"): {"a_to_b": 0.610, "b_to_a": 0.410}}
+
+
+def digit_pair(model: Disentangler) -> str | None:
+    """The digit pair a model was trained on, or None for a model of other data. Its domain names decide (both
+    digit domains: `DIGIT_PAIRS`' name, or `a_b` for another two); a card whose training data is of kind `digits`
+    but whose domains are not digit domains is refused rather than evaluated as faces."""
+    from .digits import DIGIT_DOMAINS, DIGIT_PAIRS
+
+    domains = (model.config.domain_a, model.config.domain_b)
+    data = (getattr(model, "card", {}) or {}).get("training", {}).get("data")
+    said_digits = isinstance(data, dict) and data.get("kind") == "digits"
+    if not all(d in DIGIT_DOMAINS for d in domains):
+        if said_digits:
+            raise ValueError(f"the card says the model was trained on digits, but its domains {domains} are not "
+                             f"digit domains ({', '.join(DIGIT_DOMAINS)})")
+        return None
+    return next((name for name, pair in DIGIT_PAIRS.items() if pair == domains), "_".join(domains))
+
+
+def _fit(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Digits (32 px) at the model's resolution."""
+    if x.shape[-1] == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def evaluate_digits(model: Disentangler, judges: dict[str, "DigitJudge"], *, n: int = 512,
+                    seed: int = synthetic.TEST_SEED, batch: int = 64, device: torch.device | str | None = None,
+                    model_path: str | Path | None = None, judge_paths: dict[str, str | Path] | None = None,
+                    root: str | Path | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The first paper's domain adaptation on `n` test digits per domain of a digits model's pair (`digits.labelled`
+    with `seed`: MNIST/SVHN a sample of the test split, SynDigits the seed's test stream), with `judges` mapping
+    each domain to its classifier (`training.digit_judge`, trained on that domain's labelled images only).
+
+    `label_kept.a_to_b`: each a-digit translated with a guide drawn from b's test digits, G(E_c(a), 0, E_sB(guide))
+    (`transfer(..., target=1)`), read by b's classifier and compared with the a-digit's label; `b_to_a` likewise
+    with a's classifier. Beside it: `no_adaptation`, the target classifier on the untranslated source digits (the
+    baseline); `guide_label`, how often it reads the guide's digit instead (the translation copied the guide);
+    `classifier_accuracy`, each classifier on its own domain's test digits (the ceiling); `recon_psnr`. Every rate
+    comes with its counts."""
+    from . import digit_judge, digits
+
+    start = time.perf_counter()
+    dev = torch.device(device) if device is not None else model.device
+    model = model.to(dev).eval()
+    pair = digit_pair(model)
+    if pair is None:
+        raise ValueError(f"model domains {model.config.domain_a}/{model.config.domain_b} are not digit domains")
+    dom_a, dom_b = model.config.domain_a, model.config.domain_b
+    missing = [d for d in (dom_a, dom_b) if d not in judges]
+    if missing:
+        raise ValueError(f"no digit classifier for {', '.join(missing)}")
+    for d in (dom_a, dom_b):
+        if judges[d].domain != d:
+            raise ValueError(f"the classifier given for {d} reads {judges[d].domain} digits")
+    judge_a, judge_b = (judges[d].to(dev).eval() for d in (dom_a, dom_b))
+    size = model.config.image_size
+    if dtype != torch.float32:
+        model = copy.deepcopy(model).to(dtype)
+
+    (img_a, lab_a), (img_b, lab_b) = (digits.labelled(d, "test", seed=seed, root=root, n=n) for d in (dom_a, dom_b))
+    # The fixed pairing: source i of one domain takes guide guides[i] of the other, drawn by the seed.
+    g = torch.Generator().manual_seed(seed)
+    guide_ab = torch.randint(len(img_b), (len(img_a),), generator=g)
+    guide_ba = torch.randint(len(img_a), (len(img_b),), generator=g)
+    src_a, src_b = _fit(img_a, size), _fit(img_b, size)
+    out_ab = _chunked(lambda c, gd: model.transfer(c, gd, target=1), src_a, src_b[guide_ab], batch=batch, device=dev)
+    out_ba = _chunked(lambda c, gd: model.transfer(c, gd, target=0), src_b, src_a[guide_ba], batch=batch, device=dev)
+    rec_a = _chunked(model.reconstruct, src_a, batch=batch, device=dev)
+    rec_b = _chunked(model.reconstruct, src_b, batch=batch, device=dev)
+
+    read_ab, read_ba = judge_b.predict(out_ab, batch), judge_a.predict(out_ba, batch)
+    rate = digit_judge.rate
+    paths = judge_paths or {}
+    result: dict[str, Any] = {
+        "format": DIGIT_FORMAT,
+        "model": _model_info(model, model_path, pair),
+        "judges": {d: _digit_judge_info(judges[d], paths.get(d)) for d in (dom_a, dom_b)},
+        "data": {"source": "digits", "pair": pair, "domains": [dom_a, dom_b], "split": "test", "seed": seed,
+                 "n": {dom_a: len(img_a), dom_b: len(img_b)}, "root": str(root) if root else None,
+                 "image_size": size, "pairing": "source i of each domain takes guide randint(n of the other domain) "
+                 "of torch.Generator().manual_seed(seed): a->b's guides first, then b->a's"},
+        "directions": {"a_to_b": f"{dom_a} -> {dom_b}", "b_to_a": f"{dom_b} -> {dom_a}"},
+        "label_kept": {"a_to_b": rate(read_ab == lab_a), "b_to_a": rate(read_ba == lab_b)},
+        "no_adaptation": {"a_to_b": rate(judge_b.predict(img_a, batch) == lab_a),
+                          "b_to_a": rate(judge_a.predict(img_b, batch) == lab_b)},
+        "guide_label": {"a_to_b": rate(read_ab == lab_b[guide_ab]), "b_to_a": rate(read_ba == lab_a[guide_ba])},
+        "classifier_accuracy": {dom_a: rate(judge_a.predict(img_a, batch) == lab_a),
+                                dom_b: rate(judge_b.predict(img_b, batch) == lab_b)},
+        "recon_psnr": {"a": _mean(metrics.psnr(rec_a, src_a)), "b": _mean(metrics.psnr(rec_b, src_b))},
+    }
+    published = PUBLISHED_ADAPTATION.get((dom_a, dom_b))
+    if published:
+        result["published"] = {"label_kept": published, "source": "Benaim et al., ICCV 2019"}
+    if dtype != torch.float32:
+        result["dtype"] = str(dtype).removeprefix("torch.")
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _digit_judge_info(judge: "DigitJudge", path: str | Path | None) -> dict[str, Any]:
+    card = judge.card or {}
+    return {"path": str(path) if path else None, "domain": judge.domain, "sha256": card.get("tensors", {}).get("sha256"),
+            "training_steps": card.get("training", {}).get("steps"), "test_accuracy": card.get("metrics", {}).get("test_accuracy")}
+
+
 def _mask_iou(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     """IoU of predicted masks against the renderer's exact attribute region (coverage > 0.5), at 0.5 and at the
     threshold that is best on average."""
@@ -388,8 +506,32 @@ def removal_markdown(results: list[dict[str, Any]]) -> str:
                  rows) + "\n"
 
 
+def _count(r: dict[str, Any] | None) -> str:
+    """A rate with its counts: `93.0% (465/500)`."""
+    return "n/a" if not r else f"{_fmt(r['rate'], True)} ({r['correct']}/{r['n']})"
+
+
+def digits_markdown(results: list[dict[str, Any]]) -> str:
+    """The domain-adaptation table, one row per (model, direction): the target classifier's accuracy on the
+    translations (label kept), on the untranslated sources (no adaptation) and on its own domain (the ceiling),
+    how often it read the guide's digit, the published number where there is one, the source's reconstruction."""
+    rows = []
+    for r in results:
+        domains = r["data"]["domains"]
+        for d, own, target in (("a_to_b", "a", domains[1]), ("b_to_a", "b", domains[0])):
+            published = r.get("published", {}).get("label_kept", {}).get(d)
+            rows.append([label(r), r["directions"][d], _count(r["label_kept"][d]), _count(r["no_adaptation"][d]),
+                         _count(r["classifier_accuracy"][target]), _count(r["guide_label"][d]),
+                         _fmt(published, True) if published is not None else "-", _fmt(r["recon_psnr"][own])])
+    return table(("model", "direction", "label kept", "no adaptation", "target classifier on its own domain",
+                  "guide's label", "published", "source recon PSNR (dB)"), rows) + "\n"
+
+
 def report(results: list[dict[str, Any]]) -> str:
-    """Both tables for every result: the per-direction table, then the removal table."""
+    """The tables for every result: for faces the per-direction table, then the removal table; for digits the
+    domain-adaptation table."""
+    if results and results[0].get("format") == DIGIT_FORMAT:
+        return digits_markdown(results)
     return markdown(results) + "\n" + removal_markdown(results)
 
 
@@ -414,6 +556,7 @@ def write(result: dict[str, Any], json_path: Path, md_path: Path | None = None,
 
 HEADLINE = ("membership", "removal", "gt_psnr", "gt_l1", "recon_psnr", "kid", "fid", "similarity", "similarity_perfect",
             "similarity_to_truth", "outside_psnr", "mask_iou", "domain_detection")
+DIGIT_HEADLINE = ("label_kept", "no_adaptation", "guide_label", "classifier_accuracy", "recon_psnr")
 
 
 def record_in_card(model_path: str | Path, result: dict[str, Any]) -> Path:
@@ -423,10 +566,15 @@ def record_in_card(model_path: str | Path, result: dict[str, Any]) -> Path:
     card = checkpoint.read_card(card_path)
     if result["model"].get("sha256") != card["tensors"].get("sha256"):
         raise ValueError(f"{card_path}: these results were measured on other tensors (sha256 differs)")
+    if result.get("format") == DIGIT_FORMAT:
+        judges = {"judge_sha256": {d: j["sha256"] for d, j in result["judges"].items()}}
+        headline = DIGIT_HEADLINE
+    else:
+        judges = {"judge_sha256": result["judge"]["sha256"], "extractor": result.get("extractor")}
+        headline = HEADLINE
     card["metrics"] = {
-        **{k: result[k] for k in HEADLINE if k in result},
-        "measured_on": {**result["data"], "judge_sha256": result["judge"]["sha256"], "extractor": result.get("extractor"),
-                        "directions": result.get("directions")},
+        **{k: result[k] for k in headline if k in result},
+        "measured_on": {**result["data"], **judges, "directions": result.get("directions")},
     }
     checkpoint.write_card(card, card_path)
     return card_path

@@ -1,5 +1,6 @@
 """The papers' figures as image tensors: transfer grids (guides down the side, contents across the top, like
-Figure 2 of Benaim et al.), removal rows and interpolation strips. Used for training samples and evaluation."""
+Figure 2 of Benaim et al.), removal rows and interpolation strips; for digit models, domain-adaptation grids
+(source digits down the side, style guides across the top). Used for training samples and evaluation."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -93,3 +94,49 @@ def evaluation_figures(model: Disentangler, out_dir: str | Path, seed: int = 791
     for name, image in figures.items():
         paths.append(save_grid(image[None], out / name))
     return paths
+
+
+@torch.no_grad()
+def digit_grid(model: Disentangler, sources: torch.Tensor, guides: torch.Tensor, target: int) -> torch.Tensor:
+    """(3, H, W) grid: left column the source digits, top row the style guides (of domain `target`), cell (i, j) =
+    source i drawn in guide j's style, G(E_c(source), E_sA(guide), 0) or G(E_c(source), 0, E_sB(guide))."""
+    ns, ng = sources.shape[0], guides.shape[0]
+    source = sources.repeat_interleave(ng, dim=0)  # (ns*ng, ...) row-major: source i, guide j
+    guide = guides.repeat(ns, 1, 1, 1)
+    edits = model.transfer(source, guide, target=target).view(ns, ng, *sources.shape[1:])
+    blank = torch.ones_like(sources[:1])
+    rows = [torch.cat([blank, guides])] + [torch.cat([sources[i : i + 1], edits[i]]) for i in range(ns)]
+    return grid(torch.cat(rows).float().cpu(), nrow=ng + 1)
+
+
+def _one_per_digit(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The first image of each digit 0-9 present, in digit order."""
+    return torch.stack([images[(labels == d).nonzero()[0, 0]] for d in range(10) if (labels == d).any()])
+
+
+def digit_figures(model: Disentangler, out_dir: str | Path, seed: int = 7919, n_guides: int = 8,
+                  root: str | Path | None = None) -> list[Path]:
+    """The domain-adaptation grids of a digits model on test digits, both directions: one source of each digit
+    0-9 down the side, `n_guides` guides of the other domain across the top; and a row of each domain's sources
+    over their reconstructions. Named after the model's pair (`PAIR_transfer_to_b.png`, ...); returns the paths."""
+    from . import digits
+    from .evaluate import _fit, digit_pair
+
+    pair = digit_pair(model)
+    if pair is None:
+        raise ValueError(f"model domains {model.config.domain_a}/{model.config.domain_b} are not digit domains")
+    size, dev = model.config.image_size, model.device
+    (img_a, lab_a), (img_b, lab_b) = (digits.labelled(d, "test", seed=seed, root=root, n=200)
+                                      for d in (model.config.domain_a, model.config.domain_b))
+    src_a, src_b = (_fit(_one_per_digit(x, y), size).to(dev) for x, y in ((img_a, lab_a), (img_b, lab_b)))
+    guide_a, guide_b = (_fit(x[-n_guides:], size).to(dev) for x in (img_a, img_b))
+    with torch.no_grad():
+        recon = torch.cat([src_a, model.reconstruct(src_a), src_b, model.reconstruct(src_b)])
+    figures = {
+        f"{pair}_transfer_to_b.png": digit_grid(model, src_a, guide_b, target=1),
+        f"{pair}_transfer_to_a.png": digit_grid(model, src_b, guide_a, target=0),
+        f"{pair}_reconstruction.png": grid(recon.float().cpu(), nrow=max(len(src_a), len(src_b))),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [save_grid(image[None], out / name) for name, image in figures.items()]

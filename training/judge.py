@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -198,17 +198,29 @@ def train_judge(steps: int = 1500, batch: int = 128, image_sizes: tuple[int, ...
     dev = torch.device(device)
     torch.manual_seed(seed)
     judge = Judge().to(dev).train()
-    opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     if celeba_root is not None:
         streams = [celeba_batches(celeba_root, batch, seed=seed, device=dev)]
     else:
         streams = [synthetic_batches(batch, s, seed=seed + 17 * i, device=dev) for i, s in enumerate(image_sizes)]
-    bar = tqdm(range(steps), disable=not progress, unit="step", dynamic_ncols=True, desc="judge")
+
+    def loss_of(step: int) -> torch.Tensor:
+        x, y = next(streams[step % len(streams)])
+        return F.binary_cross_entropy_with_logits(judge(x), y)
+
+    fit(judge, loss_of, steps=steps, lr=lr, weight_decay=1e-4, progress=progress, desc="judge")
+    return judge.eval()
+
+
+def fit(net: nn.Module, loss_of: Callable[[int], torch.Tensor], *, steps: int, lr: float, weight_decay: float,
+        progress: bool, desc: str) -> None:
+    """The classifiers' training loop: AdamW with a one-cycle schedule over `steps`, `loss_of(step)` the loss of
+    step `step`'s batch; a non-finite running loss stops the run."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    bar = tqdm(range(steps), disable=not progress, unit="step", dynamic_ncols=True, desc=desc)
     running = None
     for step in bar:
-        x, y = next(streams[step % len(streams)])
-        loss = F.binary_cross_entropy_with_logits(judge(x), y)
+        loss = loss_of(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -217,8 +229,7 @@ def train_judge(steps: int = 1500, batch: int = 128, image_sizes: tuple[int, ...
         if step % 50 == 0:
             bar.set_postfix(loss=f"{running:.4f}")
         if not math.isfinite(running):
-            raise FloatingPointError(f"judge loss is not finite at step {step}")
-    return judge.eval()
+            raise FloatingPointError(f"{desc} loss is not finite at step {step}")
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
@@ -226,16 +237,26 @@ def train_judge(steps: int = 1500, batch: int = 128, image_sizes: tuple[int, ...
 
 def save(judge: Judge, path: str | Path, *, training: dict[str, Any], metrics: dict[str, Any]) -> Path:
     """`PATH.safetensors` (fp32: the judge is small) and the card `PATH.json`; returns the card's path."""
+    return save_classifier(judge, path, FORMAT, {"config": {k: list(v) for k, v in asdict(judge.config).items()},
+                                                 "input_size": INPUT_SIZE}, training=training, metrics=metrics)
+
+
+def save_classifier(net: nn.Module, path: str | Path, card_format: str, fields: dict[str, Any], *,
+                    training: dict[str, Any], metrics: dict[str, Any], dtype: str = "float32") -> Path:
+    """An evaluation classifier's `PATH.safetensors` (floating tensors in `dtype`, integer buffers as they are)
+    and its card `PATH.json` of `card_format` with `fields` (what its loader reads back) after the name; returns
+    the card's path."""
     card_path, tensors = checkpoint.paths(path, "judge")
     card_path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_tensors({k: v.detach().cpu().contiguous() for k, v in judge.state_dict().items()}, tensors, FORMAT)
+    state = {k: (v.to(checkpoint.DTYPES[dtype]) if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in net.state_dict().items()}
+    checkpoint.write_tensors(state, tensors, card_format)
     card = {
-        "format": FORMAT,
+        "format": card_format,
         "name": card_path.stem,
-        "config": {k: list(v) for k, v in asdict(judge.config).items()},
-        "input_size": INPUT_SIZE,
-        "tensors": {"file": tensors.name, "sha256": checkpoint.sha256(tensors), "dtype": "float32",
-                    "parameters": sum(p.numel() for p in judge.parameters()), "bytes": tensors.stat().st_size},
+        **fields,
+        "tensors": {"file": tensors.name, "sha256": checkpoint.sha256(tensors), "dtype": dtype,
+                    "parameters": sum(p.numel() for p in net.parameters()), "bytes": tensors.stat().st_size},
         "training": training,
         "metrics": metrics,
         "versions": checkpoint.versions(),

@@ -124,7 +124,8 @@ class Trainer:
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=lr, betas=tuple(betas))
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=lr, betas=tuple(betas))
         removal = not model_cfg.has_mask and any("removed_a" in t.reads for t in self.terms)
-        self.gen: nn.Module = Generator(self.model, removal=removal, common_noise=common_noise)
+        cycle = not model_cfg.has_mask and any({"cycle_a", "cycle_b"} & set(t.reads) for t in self.terms)
+        self.gen: nn.Module = Generator(self.model, removal=removal, common_noise=common_noise, cycle=cycle)
         self.disc_ddp: nn.Module = self.disc
         if world_size > 1:
             ids = [device.index] if device.type == "cuda" else None

@@ -35,6 +35,10 @@ class PlainPass:
     removed_a: torch.Tensor | None  # G(c_a, 0, 0), decoded only when a term reads it
     removed_b: torch.Tensor | None  # G(c_b, 0, 0)
     neither: NeitherPass | None
+    translated_a: torch.Tensor | None = None  # G(c_a, 0, sB_b): a's content given b's separate code, when a term
+    translated_b: torch.Tensor | None = None  # reads the code cycle; G(c_b, sA_a, 0)
+    cycle_a: Codes | None = None  # E(translated_a)
+    cycle_b: Codes | None = None  # E(translated_b)
 
 
 @dataclass
@@ -94,10 +98,11 @@ def noisy_common(common: torch.Tensor, sigma: float) -> torch.Tensor:
 class Generator(nn.Module):
     """The encoders and decoder as one forward pass, so DistributedDataParallel sees every parameter used."""
 
-    def __init__(self, model: Disentangler, removal: bool = False, common_noise: float = 0.0):
+    def __init__(self, model: Disentangler, removal: bool = False, common_noise: float = 0.0, cycle: bool = False):
         super().__init__()
         self.model = model
         self.removal = removal  # plain: also decode G(c, 0, 0) for the terms that read the removals
+        self.cycle = cycle  # plain: also decode the translations and re-encode them, for the code cycle
         self.common_noise = common_noise  # decodes see noisy_common(E_c(x)); the adversary sees the clean code
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, neither: torch.Tensor | None = None) -> PlainPass | MaskPass:
@@ -114,12 +119,22 @@ class Generator(nn.Module):
         common = noisy_common(torch.cat([codes_a.common, codes_b.common]), self.common_noise)
         zeros = torch.zeros_like(codes_a.sep_a)
         sep_a, sep_b = torch.cat([codes_a.sep_a, zeros]), torch.cat([zeros, codes_b.sep_b])
+        pairs = torch.cat([common, common])
         if self.removal:  # the attribute-free decodes ride in the same decoder call
-            common, sep_a, sep_b = (torch.cat([common, common]), torch.cat([sep_a, torch.zeros_like(sep_a)]),
-                                    torch.cat([sep_b, torch.zeros_like(sep_b)]))
-        out = self.model.decode(common, sep_a, sep_b).float()  # (2n or 4n, 3, S, S): recon a, recon b[, removed a, b]
-        removed_a, removed_b = (out[2 * n : 3 * n], out[3 * n :]) if self.removal else (None, None)
-        return PlainPass(codes_a, codes_b, out[:n], out[n : 2 * n], removed_a, removed_b, extra)
+            common, sep_a, sep_b = pairs, torch.cat([sep_a, torch.zeros_like(sep_a)]), torch.cat([sep_b, torch.zeros_like(sep_b)])
+        if self.cycle:  # and so do the translations: a's common code with b's separate code, b's with a's
+            common = torch.cat([common, pairs[:2 * n]])
+            sep_a, sep_b = torch.cat([sep_a, zeros, codes_a.sep_a]), torch.cat([sep_b, codes_b.sep_b, zeros])
+        # (2n, 4n, 6n, 3, S, S): recon a, recon b[, removed a, removed b][, translated a, translated b]
+        out = self.model.decode(common, sep_a, sep_b).float()
+        removed_a, removed_b = (out[2 * n : 3 * n], out[3 * n : 4 * n]) if self.removal else (None, None)
+        result = PlainPass(codes_a, codes_b, out[:n], out[n : 2 * n], removed_a, removed_b, extra)
+        if self.cycle:
+            result.translated_a, result.translated_b = out[-2 * n : -n], out[-n:]
+            cycle = self.model.encode(out[-2 * n :])
+            cycle = Codes(*(t.float() for t in cycle))
+            result.cycle_a, result.cycle_b = cycle.index(slice(0, n)), cycle.index(slice(n, None))
+        return result
 
     def _mask_pass(self, codes_a: Codes, codes_b: Codes, neither: NeitherPass | None) -> MaskPass:
         n = codes_a.sep_a.shape[0]

@@ -51,22 +51,29 @@ class RunOptions:
     max_minutes: float = 0.0  # stop (and save) after this much training time; 0: no limit
 
 
+SOURCES: tuple[str, ...] = ("synthetic", "celeba", "folders", "digits")
+
+
 @dataclass(frozen=True)
 class Data:
     """The `[data]` table of a recipe (and the `did train` data flags)."""
 
-    source: str = field(default="synthetic", metadata={"help": "synthetic (the face benchmark), celeba or folders"})
+    source: str = field(default="synthetic",
+                        metadata={"help": "synthetic (the face benchmark), celeba, folders or digits"})
     pair: str = field(default="smile_glasses",
-                      metadata={"help": "domain pair of synthetic/celeba: smile_glasses, beard_smile, beard_glasses"})
-    image_size: int = field(default=128, metadata={"help": "power of two from 64 to 256"})
-    root: str = field(default="", metadata={"help": "CelebA root (img_align_celeba/, list_attr_celeba.txt)"})
+                      metadata={"help": "domain pair of synthetic/celeba: smile_glasses, beard_smile, beard_glasses; "
+                                        "of digits: mnist_syndigits, mnist_svhn"})
+    image_size: int = field(default=128, metadata={"help": "power of two from 32 to 256 (digits: 32; synthetic: 64 "
+                                                           "and up)"})
+    root: str = field(default="", metadata={"help": "CelebA root (img_align_celeba/, list_attr_celeba.txt); digits: "
+                                                    "a folder of your MNIST idx files and/or SVHN's .mat files"})
     split: str = field(default="train", metadata={"help": "CelebA partition: train, val, test or all"})
     a: str = field(default="", metadata={"help": "folder of domain-a images (folders)"})
     b: str = field(default="", metadata={"help": "folder of domain-b images (folders)"})
 
     def __post_init__(self) -> None:
-        if self.source not in ("synthetic", "celeba", "folders"):
-            raise ValueError(f"data source must be synthetic, celeba or folders, not {self.source!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"data source must be {', '.join(SOURCES[:-1])} or {SOURCES[-1]}, not {self.source!r}")
 
 
 @dataclass(frozen=True)
@@ -308,11 +315,31 @@ def build_source(data: Data):
         from .data import CelebAPairs
 
         return CelebAPairs(data.root, data.pair, image_size=data.image_size, split=data.split)
+    if data.source == "digits":
+        from .digits import DigitPairs
+
+        return DigitPairs(data.pair, image_size=data.image_size, root=data.root or None)
     if not (data.a and data.b):
         raise ValueError("--data folders needs --a DIR_A and --b DIR_B")
     from .data import ImageFolderPairs
 
     return ImageFolderPairs(data.a, data.b, image_size=data.image_size)
+
+
+def data_framing(kind: str) -> str:
+    """Where the images of a data source of this kind (a `describe()["kind"]`, the card's training data) put a
+    face: that source class's `framing`. For cards written before cards named their framing."""
+    if kind == "synthetic":
+        from .synthetic import SyntheticPairs as cls
+    elif kind == "celeba":
+        from .data import CelebAPairs as cls
+    elif kind == "digits":
+        from .digits import DigitPairs as cls
+    elif kind == "folders":
+        from .data import ImageFolderPairs as cls
+    else:
+        raise ValueError(f"unknown training data kind {kind!r}; expected one of {', '.join(SOURCES)}")
+    return cls.framing
 
 
 def stage_dirs(recipe: Recipe, out: Path) -> list[Path]:
@@ -422,9 +449,9 @@ def _finish(d) -> None:
 
 
 def default_for(data: Data) -> str:
-    """The recipe `did train` runs when none is named: the pair's shipped plain recipe for the synthetic benchmark,
-    `paper` for CelebA, `folders` for two image folders."""
-    if data.source == "synthetic":
+    """The recipe `did train` runs when none is named: the pair's shipped plain recipe for the synthetic benchmark
+    and the digit pairs, `paper` for CelebA, `folders` for two image folders."""
+    if data.source in ("synthetic", "digits"):
         return data.pair
     return "paper" if data.source == "celeba" else "folders"
 

@@ -114,18 +114,21 @@ def mask_recon(s: StepInputs) -> torch.Tensor:
     return losses.mask_reconstruction(out.rgb_a, out.mask_a, s.a) + losses.mask_reconstruction(out.rgb_b, out.mask_b, s.b)
 
 
-@term("cycle_a", variants=("mask",), paper=MOKADY, reads=("cycle_a", "codes_a", "codes_b"))
+@term("cycle_a", paper=MOKADY, reads=("cycle_a", "codes_a", "codes_b"))
 def cycle_a(s: StepInputs) -> torch.Tensor:
-    """|E_c(t_a) - c_a| + |E_sB(t_a) - sB_b| for t_a, a's content given b's attribute (targets detached).
+    """|E_c(t_a) - c_a| + |E_sB(t_a) - sB_b| for t_a, a's content given b's attribute (targets detached); t_a is
+    the composited translation in the mask variant, the decode G(c_a, 0, sB_b) in the plain one.
 
     The targets are detached: the cycle teaches the translation and its re-encoding; it does not pull the codes of
-    the real images towards those of the translations."""
+    the real images towards those of the translations. In the plain variant it asks that a translation keep what
+    the common code says (a digit's shape when the domains are whole styles), which the reconstructions alone never
+    ask of a decode with another domain's separate code."""
     out = s.out
     return losses.code_cycle(out.cycle_a.common, out.cycle_a.sep_b, out.codes_a.common.float().detach(),
                              out.codes_b.sep_b.float().detach())
 
 
-@term("cycle_b", variants=("mask",), paper=MOKADY, reads=("cycle_b", "codes_a", "codes_b"))
+@term("cycle_b", paper=MOKADY, reads=("cycle_b", "codes_a", "codes_b"))
 def cycle_b(s: StepInputs) -> torch.Tensor:
     """|E_c(t_b) - c_b| + |E_sA(t_b) - sA_a| for t_b, b's content given a's attribute (targets detached)."""
     out = s.out
