@@ -205,3 +205,15 @@ def test_digit_grid_puts_sources_down_the_side_and_guides_across_the_top():
     assert torch.allclose(cell(0, 3), guides[2]) and torch.allclose(cell(2, 0), sources[1])
     with torch.no_grad():
         assert torch.allclose(cell(2, 3), model.transfer(sources[1:2], guides[2:3], target=1)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("domain", ["mnist", "syndigits"])
+def test_the_shipped_classifiers_read_their_own_test_digits(domain: str):
+    """weights/judge/digits_<domain>: at least 98% on the domain's whole test split, exactly the counts its card
+    records (the accuracy of the tensors as stored)."""
+    path = digit_judge.default_path(domain)
+    judge = digit_judge.load(path, domain=domain)
+    images, labels = digits.labelled(domain, "test")
+    acc = digit_judge.accuracy(judge, images, labels)
+    assert acc == judge.card["metrics"]["test_accuracy"]
+    assert acc["rate"] >= 0.98, acc
