@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 
@@ -208,15 +208,21 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--data {data}: the model's domains are {model.config.domain_a}/{model.config.domain_b}"
                          + (", a digit pair (--data digits)" if pair else ", not digit domains"))
     if data == "digits":
-        return _eval_digits(args, model, others, device)
-    judge_model = judge.load(args.judge, device)
+        measure, figures = _digit_measures(args, model, device)
+    else:
+        judge_model = judge.load(args.judge, device)
 
-    def measure(m: Disentangler, path: Path) -> dict[str, Any]:
-        if data == "celeba":
-            return evaluate.evaluate_celeba(m, judge_model, root=args.root, n=args.n, batch=args.batch,
-                                            model_path=path, judge_path=args.judge)
-        return evaluate.evaluate(m, judge_model, n=args.n, seed=args.seed, batch=args.batch, model_path=path,
-                                 judge_path=args.judge, dtype=checkpoint.DTYPES[args.dtype])
+        def measure(m: Disentangler, path: Path) -> dict[str, Any]:
+            if data == "celeba":
+                return evaluate.evaluate_celeba(m, judge_model, root=args.root, n=args.n, batch=args.batch,
+                                                model_path=path, judge_path=args.judge)
+            return evaluate.evaluate(m, judge_model, n=args.n, seed=args.seed, batch=args.batch, model_path=path,
+                                     judge_path=args.judge, dtype=checkpoint.DTYPES[args.dtype])
+
+        def figures() -> list[Path]:
+            from .figures import evaluation_figures
+
+            return evaluation_figures(model, args.figures, seed=args.seed)
 
     result = measure(model, args.model)
     compared = [measure(other, path) for path, other in zip(args.compare, others)]
@@ -226,16 +232,14 @@ def run_eval(args: argparse.Namespace) -> int:
         print("wrote " + ", ".join(map(str, evaluate.write(result, args.json, compared=compared))))
     print(evaluate.report([result, *compared]), end="")
     if args.figures:
-        from .figures import evaluation_figures
-
-        for path in evaluation_figures(model, args.figures, seed=args.seed):
+        for path in figures():
             print(f"wrote {path}")
     return 0
 
 
-def _eval_digits(args: argparse.Namespace, model, others: list, device) -> int:
-    """`did eval` of a digits model: domain adaptation read by each domain's digit classifier
-    (DIR/digits_<domain> of --digit-judges)."""
+def _digit_measures(args: argparse.Namespace, model, device) -> tuple[Callable, Callable[[], list[Path]]]:
+    """`did eval` of a digits model: (measure(model, path), figures()) of the domain adaptation read by each
+    domain's digit classifier (DIR/digits_<domain> of --digit-judges)."""
     from models import checkpoint
 
     from . import digit_judge, evaluate
@@ -243,20 +247,17 @@ def _eval_digits(args: argparse.Namespace, model, others: list, device) -> int:
     domains = (model.config.domain_a, model.config.domain_b)
     paths = {d: digit_judge.default_path(d, args.digit_judges) for d in domains}
     judges = {d: digit_judge.load(p, device, domain=d) for d, p in paths.items()}
-    results = [evaluate.evaluate_digits(m, judges, n=args.n, seed=args.seed, batch=args.batch, model_path=path,
+
+    def measure(m, path: Path) -> dict[str, Any]:
+        return evaluate.evaluate_digits(m, judges, n=args.n, seed=args.seed, batch=args.batch, model_path=path,
                                         judge_paths=paths, root=args.root, dtype=checkpoint.DTYPES[args.dtype])
-               for m, path in [(model, args.model), *zip(others, args.compare)]]
-    if args.record:
-        print(f"recorded the headline metrics in {evaluate.record_in_card(args.model, results[0])}")
-    if args.json:
-        print("wrote " + ", ".join(map(str, evaluate.write(results[0], args.json, compared=results[1:]))))
-    print(evaluate.report(results), end="")
-    if args.figures:
+
+    def figures() -> list[Path]:
         from .figures import digit_figures
 
-        for path in digit_figures(model, args.figures, seed=args.seed, root=args.root):
-            print(f"wrote {path}")
-    return 0
+        return digit_figures(model, args.figures, seed=args.seed, root=args.root)
+
+    return measure, figures
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -265,14 +266,14 @@ def run_export(args: argparse.Namespace) -> int:
     from models import checkpoint
     from models.framing import framing_of
 
-    from .recipes import data_framing
+    from .recipes import source_class
 
     model = checkpoint.load(args.run)
     card = model.card
     dtype = args.dtype or card["tensors"].get("dtype", "float32")
     kind = card.get("training", {}).get("data", {}).get("kind")
     # A card that names no framing takes its training data's (the source class's), not framing_of's "none".
-    framing = framing_of(card) if "framing" in card or not kind else data_framing(kind)
+    framing = framing_of(card) if "framing" in card or not kind else source_class(kind).framing
     out = checkpoint.save(model, args.out, training=card.get("training", {}), metrics=card.get("metrics", {}), dtype=dtype,
                           framing=framing, notes=args.notes if args.notes is not None else card.get("notes"))
     print(f"wrote {out} ({dtype})")

@@ -119,11 +119,12 @@ class Generator(nn.Module):
         common = noisy_common(torch.cat([codes_a.common, codes_b.common]), self.common_noise)
         zeros = torch.zeros_like(codes_a.sep_a)
         sep_a, sep_b = torch.cat([codes_a.sep_a, zeros]), torch.cat([zeros, codes_b.sep_b])
-        pairs = torch.cat([common, common])
+        both = common  # (2n): a's and b's common codes
         if self.removal:  # the attribute-free decodes ride in the same decoder call
-            common, sep_a, sep_b = pairs, torch.cat([sep_a, torch.zeros_like(sep_a)]), torch.cat([sep_b, torch.zeros_like(sep_b)])
+            common, sep_a, sep_b = (torch.cat([both, both]), torch.cat([sep_a, torch.zeros_like(sep_a)]),
+                                    torch.cat([sep_b, torch.zeros_like(sep_b)]))
         if self.cycle:  # and so do the translations: a's common code with b's separate code, b's with a's
-            common = torch.cat([common, pairs[:2 * n]])
+            common = torch.cat([common, both])
             sep_a, sep_b = torch.cat([sep_a, zeros, codes_a.sep_a]), torch.cat([sep_b, codes_b.sep_b, zeros])
         # (2n, 4n, 6n, 3, S, S): recon a, recon b[, removed a, removed b][, translated a, translated b]
         out = self.model.decode(common, sep_a, sep_b).float()

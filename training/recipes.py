@@ -303,43 +303,41 @@ def override(recipe: Recipe, *, weights: dict[str, float] | None = None, setting
     return result, record
 
 
-def build_source(data: Data):
-    """The data source a recipe's [data] names."""
-    if data.source == "synthetic":
+def source_class(kind: str) -> type:
+    """The data source class of a recipe's `[data] source` (also the `kind` its `describe()` writes in cards)."""
+    if kind == "synthetic":
         from .synthetic import SyntheticPairs
 
-        return SyntheticPairs(data.pair, image_size=data.image_size)
+        return SyntheticPairs
+    if kind == "celeba":
+        from .data import CelebAPairs
+
+        return CelebAPairs
+    if kind == "digits":
+        from .digits import DigitPairs
+
+        return DigitPairs
+    if kind == "folders":
+        from .data import ImageFolderPairs
+
+        return ImageFolderPairs
+    raise ValueError(f"unknown training data kind {kind!r}; expected one of {', '.join(SOURCES)}")
+
+
+def build_source(data: Data):
+    """The data source a recipe's [data] names."""
+    cls = source_class(data.source)
+    if data.source == "synthetic":
+        return cls(data.pair, image_size=data.image_size)
     if data.source == "celeba":
         if not data.root:
             raise ValueError("--data celeba needs --root (the folder holding img_align_celeba/ and list_attr_celeba.txt)")
-        from .data import CelebAPairs
-
-        return CelebAPairs(data.root, data.pair, image_size=data.image_size, split=data.split)
+        return cls(data.root, data.pair, image_size=data.image_size, split=data.split)
     if data.source == "digits":
-        from .digits import DigitPairs
-
-        return DigitPairs(data.pair, image_size=data.image_size, root=data.root or None)
+        return cls(data.pair, image_size=data.image_size, root=data.root or None)
     if not (data.a and data.b):
         raise ValueError("--data folders needs --a DIR_A and --b DIR_B")
-    from .data import ImageFolderPairs
-
-    return ImageFolderPairs(data.a, data.b, image_size=data.image_size)
-
-
-def data_framing(kind: str) -> str:
-    """Where the images of a data source of this kind (a `describe()["kind"]`, the card's training data) put a
-    face: that source class's `framing`. For cards written before cards named their framing."""
-    if kind == "synthetic":
-        from .synthetic import SyntheticPairs as cls
-    elif kind == "celeba":
-        from .data import CelebAPairs as cls
-    elif kind == "digits":
-        from .digits import DigitPairs as cls
-    elif kind == "folders":
-        from .data import ImageFolderPairs as cls
-    else:
-        raise ValueError(f"unknown training data kind {kind!r}; expected one of {', '.join(SOURCES)}")
-    return cls.framing
+    return cls(data.a, data.b, image_size=data.image_size)
 
 
 def stage_dirs(recipe: Recipe, out: Path) -> list[Path]:
