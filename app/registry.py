@@ -15,7 +15,7 @@ from models import CheckpointError, Disentangler, resolve_device
 from models import compiled
 from models.calibration import Calibration
 from models.checkpoint import compute_dtype
-from models.networks import bake_spectral_norm
+from models.networks import inference_ready
 
 from .batcher import Batcher
 from .errors import UnknownModel
@@ -72,7 +72,7 @@ class Registry:
         entries = []
         for card in cards:
             start = time.perf_counter()
-            model = bake_spectral_norm(models.load(card, device=device, dtype=dtype))
+            model = inference_ready(models.load(card, device=device, dtype=dtype))
             if settings.channels_last:
                 model.to(memory_format=torch.channels_last)
             compiled.prepare(model, settings.compile, settings.max_batch)

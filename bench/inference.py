@@ -1,6 +1,7 @@
 """Model inference throughput of a transfer with a known target (the content's common code, the guide's separate
 code, one decode: what `Disentangler.transfer(content, guide, target=1)` computes), inputs already on the device,
-spectral norm folded into the weights as the service does, at batch 1 (latency) and larger batches (throughput),
+the model made ready as the service does (`models.networks.inference_ready`: spectral norm folded into the weights;
+on the CPU the layers at the 2x2 code map as matrices), at batch 1 (latency) and larger batches (throughput),
 beside the published code's way of computing it (`bench/reference.py`: the same two encoders and decoder at the
 published widths, its spectral norm's power iteration on every forward) in the same run.
 
@@ -25,7 +26,7 @@ from models import compiled, resolve_device
 from models.checkpoint import compute_dtype
 from models.config import preset
 from models.disentangler import Disentangler
-from models.networks import bake_spectral_norm
+from models.networks import inference_ready
 from training.markdown import table
 
 from .reference import ReferenceNets
@@ -63,7 +64,7 @@ def runner(kind: str, width: str, size: int, batch: int, device: torch.device, s
     if kind == "reference":
         ref = ReferenceNets().eval().to(device=device, dtype=dtype)
         return lambda: ref.transfer(content, guide)
-    model = bake_spectral_norm(Disentangler(preset(width, image_size=size)).eval()).to(device=device, dtype=dtype)
+    model = inference_ready(Disentangler(preset(width, image_size=size)).eval().to(device=device, dtype=dtype))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile_it:

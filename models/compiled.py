@@ -53,7 +53,7 @@ class Bucketed(nn.Module):
 def prepare(model: Disentangler, mode: Compile, max_rows: int) -> Disentangler:
     """Give `model`'s encoders and decoder fixed batch shapes up to `max_rows` rows ('buckets'), and compile each
     ('compile': torch.compile, CUDA graphs on CUDA). 'none' leaves the model as it is. The model must be in eval
-    mode with its spectral norm baked (models.networks.bake_spectral_norm)."""
+    mode and made ready to serve (models.networks.inference_ready)."""
     if mode not in get_args(Compile):
         raise ValueError(f"mode must be one of {', '.join(map(repr, get_args(Compile)))}, not {mode!r}")
     if mode == "none":

@@ -3,6 +3,7 @@ one latent discriminator. Shapes in comments are for the published 128 px config
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
@@ -106,4 +107,69 @@ def bake_spectral_norm(model: nn.Module) -> nn.Module:
         if parametrize.is_parametrized(module):
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model
+
+
+class DenseConv(nn.Module):
+    """A convolution at one input size, computed as the one matrix it applies to the flattened map.
+
+    Either side of the 2x2 code map (each encoder's last layer, 4x4 -> 2x2, and the decoder's first, 2x2 -> 4x4)
+    a layer is a small map with many channels, where oneDNN's convolution kernels run far below the CPU's matrix
+    throughput (and reorder their weights on every call): one matrix product over the flattened map is several times
+    faster there (docs/benchmarks.md, "Transfer inference throughput"). The matrix links every input position to every output position the kernel reaches, (H_in W_in)(H_out W_out) / k^2
+    times the kernel's size: 4x for those two layers. It is computed in float64 from the layer's weights, so the
+    results are the convolution's up to float rounding. The output keeps the input's memory format.
+    """
+
+    def __init__(self, conv: nn.Conv2d | nn.ConvTranspose2d, in_size: tuple[int, int]):
+        super().__init__()
+        if conv.groups != 1 or conv.dilation != (1, 1):
+            raise ValueError("DenseConv takes ungrouped, undilated convolutions")
+        h, w = in_size
+        kh, kw = conv.kernel_size
+        transposed = isinstance(conv, nn.ConvTranspose2d)
+        with torch.no_grad():
+            # taps[p, t, q] = 1 where kernel tap t links input position p to output position q: the layer's own
+            # geometry applied to one-hot positions with one one-hot kernel per tap.
+            positions = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
+            one_hot = torch.eye(kh * kw, dtype=torch.float64).reshape(kh * kw, 1, kh, kw)
+            if transposed:
+                taps = F.conv_transpose2d(positions, one_hot.transpose(0, 1), stride=conv.stride, padding=conv.padding,
+                                          output_padding=conv.output_padding)
+                kernel = conv.weight.to(torch.float64).reshape(conv.in_channels, conv.out_channels, -1).transpose(0, 1)
+            else:
+                taps = F.conv2d(positions, one_hot, stride=conv.stride, padding=conv.padding)
+                kernel = conv.weight.to(torch.float64).reshape(conv.out_channels, conv.in_channels, -1)
+            self.out_size = (taps.shape[-2], taps.shape[-1])
+            taps = taps.reshape(h * w, kh * kw, -1)
+            # Rows (output position, output channel), columns (input position, input channel): channels-last order
+            # on both sides, so a channels_last map flattens without a copy.
+            dense = torch.einsum("oct,ptq->qopc", kernel, taps).reshape(-1, h * w * conv.in_channels)
+            bias = None if conv.bias is None else conv.bias.detach().repeat(self.out_size[0] * self.out_size[1])
+        self.register_buffer("weight", dense.to(conv.weight.dtype))
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_channels = h * w * conv.in_channels, conv.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        y = F.linear(x.permute(0, 2, 3, 1).reshape(n, self.in_features), self.weight, self.bias)
+        out = y.view(n, *self.out_size, self.out_channels).permute(0, 3, 1, 2)  # channels_last strides
+        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
+def inference_ready(model: nn.Module) -> nn.Module:
+    """An eval-mode model made ready to serve: spectral norm baked (`bake_spectral_norm`) and, on the CPU, the
+    layers on either side of the 2x2 code map computed as matrices (`DenseConv`). Outputs are unchanged up to float
+    rounding; the networks keep their interfaces. CUDA keeps cuDNN's kernels there, not having been measured against
+    the matrices."""
+    bake_spectral_norm(model)
+    if next(model.parameters()).device.type != "cpu":
+        return model
+    for module in model.modules():
+        if isinstance(module, Encoder) and isinstance(module.head, nn.Conv2d):
+            module.head = DenseConv(module.head, (4, 4))
+        elif isinstance(module, Decoder):
+            first = module.body[0] if len(module.body) else None
+            if first is not None and isinstance(first[0], nn.ConvTranspose2d):
+                first[0] = DenseConv(first[0], (2, 2))
     return model

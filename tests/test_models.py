@@ -1,10 +1,11 @@
 """Shapes, round trips and the edit formulas of the Disentangler at every supported size."""
 import pytest
 import torch
+from torch import nn
 from torch.nn.utils import parametrize
 
 from models import Codes, Disentangler, ModelConfig, preset
-from models.networks import LatentDiscriminator
+from models.networks import DenseConv, LatentDiscriminator, inference_ready
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +119,42 @@ def test_codes_helpers() -> None:
     c = Codes(torch.zeros(4, 2, 2, 2), torch.ones(4, 1, 2, 2), torch.ones(4, 1, 2, 2))
     both = Codes.cat([c.index(slice(0, 1)), c.index(slice(1, None))])
     assert all(torch.equal(x, y) for x, y in zip(both, c))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_conv_is_the_convolution(transposed: bool, bias: bool) -> None:
+    torch.manual_seed(1)
+    conv = (nn.ConvTranspose2d(6, 5, 4, 2, 1, bias=bias) if transposed else nn.Conv2d(6, 5, 4, 2, 1, bias=bias)).eval()
+    size = (2, 2) if transposed else (4, 4)
+    dense = DenseConv(conv, size)
+    x = torch.randn(3, 6, *size)
+    with torch.no_grad():
+        want = conv(x)
+        assert torch.allclose(dense(x), want, atol=1e-5)
+        out = dense(x.contiguous(memory_format=torch.channels_last))
+        assert torch.allclose(out, want, atol=1e-5) and out.is_contiguous(memory_format=torch.channels_last)
+        assert dense(x).is_contiguous() and dense(x[:0]).shape == (0, *want.shape[1:])
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+@pytest.mark.parametrize("variant", ["plain", "mask"])
+def test_inference_ready_answers_as_the_trained_model(size: int, variant: str) -> None:
+    """Baked and with the code-map layers as matrices, every network answers as the trained one does."""
+    torch.manual_seed(2)
+    cfg = preset("tiny", image_size=size, variant=variant)
+    trained, ready = Disentangler(cfg).eval(), Disentangler(cfg).eval()
+    ready.load_state_dict(trained.state_dict())
+    inference_ready(ready)
+    assert sum(isinstance(m, DenseConv) for m in ready.modules()) == 4  # three encoder heads, the decoder's first layer
+    x = torch.rand(3, 3, size, size) * 2 - 1
+    with torch.no_grad():
+        for channels_last in (False, True):
+            if channels_last:
+                ready.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
+            want, got = trained.encode(x), ready.encode(x)
+            for w, g in zip(want, got):
+                assert torch.allclose(w, g, atol=1e-5)
+            code = torch.cat(list(want), dim=1)
+            assert torch.allclose(trained.decoder(code), ready.decoder(code), atol=1e-5)
