@@ -13,8 +13,9 @@ one worker (but batched-2w) on the same checkpoint and device, and at each concu
 `concurrency` asyncio clients, each level bounded by --requests and --seconds. The clients are minimal keep-alive
 HTTP/1.1 connections by default; `--client httpx` uses httpx.AsyncClient, which costs about 4 ms of CPU per
 request on this class of machine (as much as the service's own work outside the model, taken from the same two
-cores). httpx checks the answers during the warm-up either way. Prints requests/s, p50 and p99 per level and
-the table; --write also writes the table into docs/benchmarks.md.
+cores). httpx checks the answers during the warm-up either way. Prints requests/s, p50, p99 and the CPU time per
+request (the server's processes, the load generator) per level and the table; --write also writes the table into
+docs/benchmarks.md.
 Without --weights it uses a slim 64 px checkpoint from weights/ when one exists, else random slim 64 px weights.
 """
 from __future__ import annotations
@@ -133,6 +134,30 @@ def default_configs(device: str) -> list[str]:
     return [name for name in CONFIGS if bf16 or name != "batched-bf16"]
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of process `root` and its live descendants, from /proc (nan where there is none)."""
+    procs: dict[int, tuple[int, float]] = {}  # pid -> (parent, CPU seconds)
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        entries = [d for d in Path("/proc").iterdir() if d.name.isdigit()]
+    except (OSError, ValueError, AttributeError):
+        return float("nan")
+    for d in entries:
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:
+            continue  # exited meanwhile
+        procs[int(d.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    if root not in procs:
+        return float("nan")
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, (parent, _) in procs.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(procs[pid][1] for pid in tree)
+
+
 class Server:
     def __init__(self, weights: Path, name: str, log: Path, device: str):
         self.port = free_port()
@@ -161,6 +186,10 @@ class Server:
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"server not ready after {timeout}s; see {self.log.name}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds so far of the server and its live worker processes (Linux /proc; nan elsewhere)."""
+        return tree_cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -273,9 +302,14 @@ def main() -> None:
                 asyncio.run(drive(server.url, body, ctype, 4, args.warmup, 30, "httpx"))  # httpx checks the answers too
             for c in args.concurrency:
                 for name, server in servers.items():
+                    server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
                     r = asyncio.run(drive(server.url, body, ctype, c, args.requests, args.seconds, args.client))
+                    answered = max(1, r["done"] + r["errors"])
+                    r["server_cpu_ms"] = (server.cpu_seconds() - server_cpu) / answered * 1000
+                    r["client_cpu_ms"] = (time.process_time() - client_cpu) / answered * 1000
                     results[name, c] = r
                     print(f"{name:8s} c={c:3d}: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms"
+                          f"  CPU {r['server_cpu_ms']:.2f} + {r['client_cpu_ms']:.2f} ms"
                           f"  ({r['done']} ok, {r['errors']} errors, {r['wall_s']:.1f} s)", flush=True)
         finally:
             for server in servers.values():
@@ -287,7 +321,8 @@ def main() -> None:
             r = results[name, c]
             ratios = [f"{r['rps'] / results[other, c]['rps']:.2f}x" if name.startswith("batched") and (other, c) in results
                       else "" for other in ("naive", "wrapper")]
-            rows.append([name, c, r["done"], r["errors"], f"{r['rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", *ratios])
+            rows.append([name, c, r["done"], r["errors"], f"{r['rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
+                         f"{r['server_cpu_ms']:.2f}", f"{r['client_cpu_ms']:.2f}", *ratios])
     threads = os.environ.get("DID_TORCH_THREADS", "0 (the default: torch's own count, one per physical core)")
     body_md = (
         f"POST /transfer (content + guide PNG, {len(body) // 1024} KiB multipart, {', '.join(f'{k}={v}' for k, v in FORM.items())}), answered as PNG; one uvicorn worker but for batched-2w, "
@@ -296,8 +331,11 @@ def main() -> None:
         + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in env.items())}" for name in args.configs if (env := CONFIGS[name]))
         + f"; all with DID_TORCH_THREADS={threads}. wrapper: bench/naive_wrapper.py (a synchronous FastAPI endpoint, "
         "Pillow decode, batch-1 model call, PNG out).\n\n"
-        + table(["config", "concurrency", "ok", "errors", "requests/s", "p50 ms", "p99 ms", "batched / naive",
-                 "batched / wrapper"], rows)
+        + "CPU ms / request: CPU time (user + system) of the server's processes, and of this load generator, over the "
+        "level, divided by the requests answered; on a machine with P cores no configuration answers more than "
+        "P x 1000 / (their sum) requests/s.\n\n"
+        + table(["config", "concurrency", "ok", "errors", "requests/s", "p50 ms", "p99 ms", "server CPU ms / request",
+                 "client CPU ms / request", "batched / naive", "batched / wrapper"], rows)
     )
     print()
     print(body_md)
