@@ -17,7 +17,7 @@ from app.batcher import Batcher
 from app.errors import NotReady, Overloaded
 from app.main import create_app
 from app.metrics import Metrics
-from models.networks import bake_spectral_norm
+from models.networks import inference_ready
 from app.settings import Settings
 
 from .conftest import draw_face, encode_image
@@ -25,7 +25,7 @@ from .conftest import draw_face, encode_image
 
 @pytest.fixture
 def tiny_model(service_weights):
-    return bake_spectral_norm(models.load(service_weights / "smile_glasses"))
+    return inference_ready(models.load(service_weights / "smile_glasses"))  # as the registry loads it
 
 
 def run(coro):
