@@ -1,7 +1,7 @@
 """Model inference throughput of a transfer with a known target (the content's common code, the guide's separate
 code, one decode: what `Disentangler.transfer(content, guide, target=1)` computes), inputs already on the device,
 the model made ready as the service does (`models.networks.inference_ready`: spectral norm folded into the weights;
-on the CPU the layers at the 2x2 code map as matrices), at batch 1 (latency) and larger batches (throughput),
+on the CPU the layers at the 2x2 code map, and in bf16 the wide layers on small maps, as matrix products), at batch 1 (latency) and larger batches (throughput),
 beside the published code's way of computing it (`bench/reference.py`: the same two encoders and decoder at the
 published widths, its spectral norm's power iteration on every forward) in the same run.
 
@@ -9,7 +9,8 @@ published widths, its spectral norm's power iteration on every forward) in the s
 
 Variants: fp32; fp32 in channels_last; fp32 compiled (`models/compiled.py`: torch.compile at fixed batch shapes,
 CUDA graphs on CUDA, as DID_COMPILE=compile does); bf16 (weights and activations cast, as DID_DTYPE=bfloat16 does: on
-CUDA, and on CPUs with native bf16, AVX512-BF16 or AMX) and fp16 on CUDA. The variants run interleaved, one short
+CUDA, and on CPUs with native bf16, AVX512-BF16 or AMX) and fp16 on CUDA; on the CPU also bf16 channels_last with
+every layer a convolution, beside which the matrix products' gain reads. The variants run interleaved, one short
 timed window each per round, and each cell is the median over the rounds, so a noisy shared machine slows all of
 them alike. The published code's anchors on one H100 (fp32 eager, 128 px): 4.2 ms per transfer at batch 1 and
 21,900 images/s at batch 256."""
@@ -35,18 +36,24 @@ from .report import sync, write_section
 PUBLISHED_H100 = {1: 4.2, 256: 21_900.0}  # ms per transfer at batch 1; images/s at batch 256
 
 
-def variants(device: torch.device, compile_too: bool) -> dict[str, tuple[torch.dtype, bool, bool]]:
-    """name -> (dtype of weights and inputs, channels_last, compiled)."""
+Spec = tuple[torch.dtype, bool, bool, bool]  # dtype of weights and inputs, channels_last, compiled, matrices
+
+
+def variants(device: torch.device, compile_too: bool) -> dict[str, Spec]:
+    """name -> Spec. `matrices` False: every layer left a convolution (`inference_ready(..., matrices=False)`), the
+    CPU's comparison for the layers `inference_ready` computes as matrix products."""
     f32, bf16 = torch.float32, torch.bfloat16
-    out = {"fp32": (f32, False, False), "fp32 channels_last": (f32, True, False)}
+    out = {"fp32": (f32, False, False, True), "fp32 channels_last": (f32, True, False, True)}
     if compile_too:
-        out["fp32 compiled"] = (f32, False, True)
+        out["fp32 compiled"] = (f32, False, True, True)
     if compute_dtype(device, "float16")[0] == torch.float16:  # the service's own rule: CUDA only
-        out["fp16"] = (torch.float16, False, False)
+        out["fp16"] = (torch.float16, False, False, True)
     if compute_dtype(device, "bfloat16")[0] == bf16:  # CUDA, or a CPU with native bf16
-        out |= {"bf16": (bf16, False, False), "bf16 channels_last": (bf16, True, False)}
+        out |= {"bf16": (bf16, False, False, True), "bf16 channels_last": (bf16, True, False, True)}
+        if device.type == "cpu":
+            out["bf16 channels_last, convolutions only"] = (bf16, True, False, False)
         if compile_too:
-            out |= {"bf16 compiled": (bf16, False, True), "bf16 channels_last compiled": (bf16, True, True)}
+            out |= {"bf16 compiled": (bf16, False, True, True), "bf16 channels_last compiled": (bf16, True, True, True)}
     return out
 
 
@@ -57,14 +64,14 @@ def _inputs(batch: int, size: int, device: torch.device, dtype: torch.dtype, cha
                  for _ in range(2))
 
 
-def runner(kind: str, width: str, size: int, batch: int, device: torch.device, spec: tuple[torch.dtype, bool, bool]) -> Callable[[], None]:
+def runner(kind: str, width: str, size: int, batch: int, device: torch.device, spec: Spec) -> Callable[[], None]:
     """A function that computes one batch of transfers (`kind`: 'ours' or 'reference')."""
-    dtype, channels_last, compile_it = spec
+    dtype, channels_last, compile_it, matrices = spec
     content, guide = _inputs(batch, size, device, dtype, channels_last)
     if kind == "reference":
         ref = ReferenceNets().eval().to(device=device, dtype=dtype)
         return lambda: ref.transfer(content, guide)
-    model = inference_ready(Disentangler(preset(width, image_size=size)).eval().to(device=device, dtype=dtype))
+    model = inference_ready(Disentangler(preset(width, image_size=size)).eval().to(device=device, dtype=dtype), matrices)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile_it:

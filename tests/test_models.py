@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from models import Codes, Disentangler, ModelConfig, preset
-from models.networks import DenseConv, LatentDiscriminator, inference_ready
+from models.networks import DenseConv, LatentDiscriminator, UnfoldedConv, bake_spectral_norm, inference_ready
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,57 @@ def test_dense_conv_is_the_convolution(transposed: bool, bias: bool) -> None:
         out = dense(x.contiguous(memory_format=torch.channels_last))
         assert torch.allclose(out, want, atol=1e-5) and out.is_contiguous(memory_format=torch.channels_last)
         assert dense(x).is_contiguous() and dense(x[:0]).shape == (0, *want.shape[1:])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("side", [4, 7, 8])
+def test_unfolded_conv_is_the_convolution(transposed: bool, bias: bool, side: int) -> None:
+    """In float64 the windows' matrix product is the layer to rounding, in either memory format, any batch."""
+    torch.manual_seed(1)
+    kind = nn.ConvTranspose2d if transposed else nn.Conv2d
+    conv = kind(6, 5, 4, 2, 1, bias=bias).double().eval()
+    unfolded = UnfoldedConv(conv)
+    x = torch.randn(3, 6, side, side, dtype=torch.float64)
+    with torch.no_grad():
+        want = conv(x)
+        got = unfolded(x)
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+        out = unfolded(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert unfolded(x[:0]).shape == (0, *want.shape[1:])
+    with pytest.raises(ValueError, match="4x4 stride-2"):
+        UnfoldedConv(nn.Conv2d(6, 5, 3, 1, 1))
+
+
+def test_inference_ready_unfolds_the_wide_small_map_layers_in_bf16_only() -> None:
+    """Paper widths at 64 px: each encoder's 8x8 -> 4x4 layer (256 channels out) is unfolded in bf16, and the bf16
+    encoders answer as the baked bf16 ones do, to bf16 rounding; float32 keeps oneDNN's kernels there."""
+    torch.manual_seed(3)
+    cfg = preset("paper", image_size=64)
+    state = Disentangler(cfg).eval().state_dict()
+
+    def model(dtype: torch.dtype, ready: bool) -> Disentangler:
+        m = Disentangler(cfg).eval()
+        m.load_state_dict(state)
+        m = bake_spectral_norm(m).to(dtype)
+        return inference_ready(m) if ready else m
+
+    assert not any(isinstance(m, UnfoldedConv) for m in model(torch.float32, True).modules())
+    ready, baked = model(torch.bfloat16, True), model(torch.bfloat16, False)
+    unfolded = [name for name, m in ready.named_modules() if isinstance(m, UnfoldedConv)]
+    assert unfolded == [f"{enc}.body.3.0" for enc in ("enc_common", "enc_a", "enc_b")]
+    x = (torch.rand(2, 3, 64, 64) * 2 - 1).to(torch.bfloat16)
+    with torch.no_grad():
+        for channels_last in (False, True):
+            if channels_last:
+                ready.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
+            for w, g in zip(baked.encode(x), ready.encode(x)):
+                w, g = w.float(), g.float()
+                assert (g - w).abs().max() <= 0.03 * w.abs().max()
 
 
 @pytest.mark.parametrize("size", [32, 64, 128])
