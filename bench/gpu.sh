@@ -17,11 +17,11 @@ LIMIT=${LIMIT:-240}
 DEVICE=${DEVICE:-auto}
 export PYTHONUNBUFFERED=1
 if [ "${TINY:-0}" = 1 ]; then
-    training=(--steps 2 --configs slim:64:4)
+    training=(--steps 2 --rounds 1 --configs slim:64:4)
     inference=(--configs paper:128 slim:64 --batches 1 4 --rounds 1 --seconds 0.05 --compile)
     http=(--concurrency 1 4 --requests 40 --seconds 2 --warmup 4)
 else
-    training=(--steps 30 --configs paper:128:32 slim:128:32 --write)
+    training=(--steps 10 --rounds 3 --configs paper:128:32 slim:128:32 --write)
     inference=(--configs paper:128 slim:64 --batches 1 32 256 --rounds 5 --seconds 1 --compile --write)
     http=(--concurrency 1 16 64 128 --requests 20000 --seconds 10 --write)
 fi

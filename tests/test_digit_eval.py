@@ -107,7 +107,7 @@ def test_did_judge_train_refuses_a_domain_without_digits(tmp_path: Path, capsys:
 # --- did eval ---------------------------------------------------------------------------------------------------
 
 DIGIT_KEYS = ("format", "model", "judges", "data", "directions", "label_kept", "no_adaptation", "guide_label",
-              "classifier_accuracy", "recon_psnr", "seconds")
+              "classifier_accuracy", "recon_psnr", "recon_label", "common_label", "seconds")
 
 
 def _check_rate(r: dict, n: int) -> None:
@@ -131,9 +131,10 @@ def test_did_eval_of_a_digits_model_writes_every_key(tmp_path: Path, judges: Pat
         assert set(result[key]) == {"a_to_b", "b_to_a"}
         for r in result[key].values():
             _check_rate(r, 16)
-    assert set(result["classifier_accuracy"]) == {"mnist", "syndigits"}
-    for r in result["classifier_accuracy"].values():
-        _check_rate(r, 16)
+    for key in ("classifier_accuracy", "recon_label", "common_label"):
+        assert set(result[key]) == {"mnist", "syndigits"}
+        for r in result[key].values():
+            _check_rate(r, 16)
     assert all(math.isfinite(v) for v in result["recon_psnr"].values()) and set(result["recon_psnr"]) == {"a", "b"}
     assert result["model"]["sha256"] == json.loads(card.read_text())["tensors"]["sha256"]
     for domain, info in result["judges"].items():
@@ -165,6 +166,10 @@ def test_no_adaptation_is_the_target_classifier_on_the_sources(tmp_path: Path, j
     images, labels = digits.labelled("mnist", "test", seed=9, n=20)
     assert result["no_adaptation"]["a_to_b"] == digit_judge.accuracy(loaded["syndigits"], images, labels)
     assert result["classifier_accuracy"]["mnist"] == digit_judge.accuracy(loaded["mnist"], images, labels)
+    with torch.no_grad():
+        src = evaluate._fit(images, model.config.image_size)
+        assert result["recon_label"]["mnist"] == digit_judge.accuracy(loaded["mnist"], model.reconstruct(src), labels)
+        assert result["common_label"]["mnist"] == digit_judge.accuracy(loaded["mnist"], model.remove(src, "both"), labels)
 
 
 def test_did_eval_records_the_digit_headline_in_the_card(tmp_path: Path, judges: Path):

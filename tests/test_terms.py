@@ -19,7 +19,9 @@ def _images(n: int, seed: int) -> torch.Tensor:
 
 
 def _trainer(weights: dict, variant: str = "plain", **kw) -> Trainer:
+    """A trainer computing in float32 (no bf16 autocast), so each term can be checked to float tolerance."""
     torch.manual_seed(0)
+    kw.setdefault("precision", "float32")
     trainer = Trainer(weights, preset("tiny", image_size=64, variant=variant), torch.device("cpu"), **kw)
     trainer.model.eval()  # in train mode every forward steps spectral norm's power iteration
     return trainer

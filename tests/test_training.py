@@ -123,6 +123,7 @@ def test_a_recipe_run_writes_its_stages_and_a_card_with_full_provenance(tiny_rec
     assert second["start"] == {"stage": "plain", "sha256": plain_sha}
     assert second["variant"] == "mask" and second["lr"] == 1e-4 and all(s["minutes"] >= 0 for s in t["stages"])
     assert card["variant"] == "mask" and set(card["versions"]) >= {"torch", "safetensors", "python"}
+    assert t["precision"] == "float32"  # --precision auto on the CPU
     assert load(out).config.variant == "mask"
 
 
@@ -346,3 +347,42 @@ def test_start_from_a_checkpoint_of_the_start_recipe_runs_only_the_recipes_own_s
     assert sorted(p.name for p in (out / "stages").iterdir()) == ["03-more"]
     assert _train(tiny_recipe, tmp_path / "x", "--start-from", str(first)) == 2  # the tiny recipe has no start
     assert "no start recipe" in capsys.readouterr().err
+
+
+def test_cpu_training_runs_channels_last_in_float32_and_bf16_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same nets on the same batch: the default CPU step is float32 (nets channels_last, which a checkpoint
+    stores contiguous), `precision='bf16'` autocasts and lands near it, and a CPU without native bf16 refuses bf16."""
+    from models.config import preset
+    from training import loop
+
+    weights = {"recon_a": 1, "recon_b": 1, "zero": 1, "adversarial": 0.02, "structure": 1}
+    cfg = preset("tiny", image_size=64)
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    exact = Trainer(weights, cfg, cpu)
+    assert exact.precision == "float32"
+    weights4d = [p for p in exact.model.parameters() if p.dim() == 4]
+    assert weights4d and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights4d)
+    if checkpoint.cpu_has_bf16():
+        fast = Trainer(weights, cfg, cpu, precision="bf16")
+        fast.load_state_dict(exact.state_dict())
+        assert fast.precision == "bf16 autocast"
+        g = torch.Generator().manual_seed(1)
+        a, b = (torch.rand(4, 3, 64, 64, generator=g) * 2 - 1 for _ in range(2))
+        for name, x, y in zip(exact.metrics, exact.step(a, b).tolist(), fast.step(a, b).tolist()):
+            assert y == pytest.approx(x, rel=0.05, abs=1e-3), name
+    monkeypatch.setattr(loop.checkpoint, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ValueError, match="no native bf16"):
+        Trainer(weights, cfg, cpu, precision="bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Trainer(weights, cfg, cpu, precision="half")
+
+
+def test_bf16_training_on_a_cpu_without_it_is_a_one_line_error(tiny_recipe: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checkpoint, "cpu_has_bf16", lambda: False)
+    assert _train(tiny_recipe, tmp_path / "run", "--precision", "bf16", "--device", "cpu") == 2
+    err = capsys.readouterr().err
+    assert "no native bf16" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "plan.json").exists()

@@ -31,7 +31,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data flags are the fields of `recipes.Data`, the run flags those of `recipes.RunOptions`."""
     import dataclasses
 
-    from .recipes import Data, RunOptions
+    from .recipes import PRECISIONS, Data, RunOptions
 
     p.add_argument("--recipe", metavar="NAME", help="training/recipes/NAME.toml or a path to a .toml file (`did recipes` lists them; "
                                     "default: the pair's shipped recipe for a synthetic or digit pair, `paper` for celeba, `folders` for folders)")
@@ -51,7 +51,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     over.add_argument("--start-from", type=Path, metavar="CHECKPOINT",
                       help="a checkpoint of the recipe's start recipe (e.g. weights/smile_glasses for "
                            "smile_glasses_mask): its stages are not run, the recipe's own start from its weights")
-    run = p.add_argument_group("run (not recorded: they do not change the weights)")
+    run = p.add_argument_group("run (not overrides: the card records the device and precision)")
     d = RunOptions()
     run.add_argument("--device", default=d.device, metavar="DEV", help="auto (CUDA when present), cpu, cuda or cuda:N")
     run.add_argument("--max-minutes", type=float, default=d.max_minutes, metavar="M",
@@ -60,7 +60,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--sample-every", type=int, default=d.sample_every, metavar="N", help="steps between sample grids (0: at stage ends)")
     run.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="steps between log.jsonl lines")
     run.add_argument("--num-workers", type=int, default=d.num_workers, metavar="N", help="image-decoding workers for file data")
-    run.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on CUDA instead of bf16 autocast")
+    run.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                     help="auto: bf16 autocast on CUDA, float32 on the CPU; bf16 on a CPU needs AVX512-BF16 or AMX")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -84,7 +85,7 @@ def run_train(args: argparse.Namespace) -> int:
     for key in ("log_every", "checkpoint_every", "sample_every"):
         if getattr(args, key) < (1 if key == "log_every" else 0):
             raise ValueError(f"--{key.replace('_', '-')} must be at least {1 if key == 'log_every' else 0}")
-    opts = RunOptions(device=args.device, amp=args.amp, log_every=args.log_every, sample_every=args.sample_every,
+    opts = RunOptions(device=args.device, precision=args.precision, log_every=args.log_every, sample_every=args.sample_every,
                       checkpoint_every=args.checkpoint_every, num_workers=args.num_workers, progress=args.progress,
                       max_minutes=args.max_minutes)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports

@@ -357,8 +357,11 @@ def evaluate_digits(model: Disentangler, judges: dict[str, "DigitJudge"], *, n: 
     (`transfer(..., target=1)`), read by b's classifier and compared with the a-digit's label; `b_to_a` likewise
     with a's classifier. Beside it: `no_adaptation`, the target classifier on the untranslated source digits (the
     baseline); `guide_label`, how often it reads the guide's digit instead (the translation copied the guide);
-    `classifier_accuracy`, each classifier on its own domain's test digits (the ceiling); `recon_psnr`. Every rate
-    comes with its counts."""
+    `classifier_accuracy`, each classifier on its own domain's test digits (the ceiling); `recon_psnr`. Where the
+    digit is lost: `recon_label`, each domain's classifier on the model's reconstructions of its own digits (a
+    translation is drawn by the same decoder), and `common_label`, on the decode of the common code alone,
+    G(E_c(x), 0, 0) (`remove(x, 'both')`): how much of the digit the common code carries, the code a translation
+    keeps. Every rate comes with its counts."""
     from . import digit_judge, digits
 
     start = time.perf_counter()
@@ -389,6 +392,8 @@ def evaluate_digits(model: Disentangler, judges: dict[str, "DigitJudge"], *, n: 
     out_ba = _chunked(lambda c, gd: model.transfer(c, gd, target=0), src_b, src_a[guide_ba], batch=batch, device=dev)
     rec_a = _chunked(model.reconstruct, src_a, batch=batch, device=dev)
     rec_b = _chunked(model.reconstruct, src_b, batch=batch, device=dev)
+    common_only = lambda x: model.remove(x, "both")  # noqa: E731
+    com_a, com_b = (_chunked(common_only, x, batch=batch, device=dev) for x in (src_a, src_b))
 
     read_ab, read_ba = judge_b.predict(out_ab, batch), judge_a.predict(out_ba, batch)
     rate = digit_judge.rate
@@ -409,6 +414,10 @@ def evaluate_digits(model: Disentangler, judges: dict[str, "DigitJudge"], *, n: 
         "classifier_accuracy": {dom_a: rate(judge_a.predict(img_a, batch) == lab_a),
                                 dom_b: rate(judge_b.predict(img_b, batch) == lab_b)},
         "recon_psnr": {"a": _mean(metrics.psnr(rec_a, src_a)), "b": _mean(metrics.psnr(rec_b, src_b))},
+        "recon_label": {dom_a: rate(judge_a.predict(rec_a, batch) == lab_a),
+                        dom_b: rate(judge_b.predict(rec_b, batch) == lab_b)},
+        "common_label": {dom_a: rate(judge_a.predict(com_a, batch) == lab_a),
+                         dom_b: rate(judge_b.predict(com_b, batch) == lab_b)},
     }
     published = PUBLISHED_ADAPTATION.get((dom_a, dom_b))
     if published:
@@ -514,17 +523,21 @@ def _count(r: dict[str, Any] | None) -> str:
 def digits_markdown(results: list[dict[str, Any]]) -> str:
     """The domain-adaptation table, one row per (model, direction): the target classifier's accuracy on the
     translations (label kept), on the untranslated sources (no adaptation) and on its own domain (the ceiling),
-    how often it read the guide's digit, the published number where there is one, the source's reconstruction."""
+    how often it read the guide's digit, the published number where there is one, the source's reconstruction, and
+    how much of the source's digit its reconstruction and its common code alone keep (its own domain's classifier)."""
     rows = []
     for r in results:
         domains = r["data"]["domains"]
-        for d, own, target in (("a_to_b", "a", domains[1]), ("b_to_a", "b", domains[0])):
+        for d, own, source, target in (("a_to_b", "a", domains[0], domains[1]), ("b_to_a", "b", domains[1], domains[0])):
             published = r.get("published", {}).get("label_kept", {}).get(d)
             rows.append([label(r), r["directions"][d], _count(r["label_kept"][d]), _count(r["no_adaptation"][d]),
                          _count(r["classifier_accuracy"][target]), _count(r["guide_label"][d]),
-                         _fmt(published, True) if published is not None else "-", _fmt(r["recon_psnr"][own])])
+                         _fmt(published, True) if published is not None else "-", _fmt(r["recon_psnr"][own]),
+                         " / ".join(_fmt(r[k][source]["rate"], True) if k in r else "n/a"
+                                    for k in ("recon_label", "common_label"))])
     return table(("model", "direction", "label kept", "no adaptation", "target classifier on its own domain",
-                  "guide's label", "published", "source recon PSNR (dB)"), rows) + "\n"
+                  "guide's label", "published", "source recon PSNR (dB)",
+                  "source's own classifier on its reconstruction / common-code decode"), rows) + "\n"
 
 
 def report(results: list[dict[str, Any]]) -> str:

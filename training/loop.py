@@ -35,7 +35,7 @@ from . import terms
 from .data import PairSource
 from .figures import training_sample
 from .passes import Generator
-from .recipes import Recipe, RunOptions, Stage
+from .recipes import PRECISIONS, Recipe, RunOptions, Stage
 
 log = logging.getLogger("did.train")
 
@@ -100,15 +100,32 @@ def _time_is_up(deadline: float, device: torch.device, world_size: int) -> bool:
     return bool(flag.item())
 
 
+def resolve_precision(device: torch.device, choice: str = "auto") -> str:
+    """What a training step computes in, 'bf16 autocast' or 'float32', for `choice`: auto is bf16 autocast on CUDA and
+    float32 on the CPU; bf16 asks for autocast, which the CPU computes natively only with AVX512-BF16 or AMX.
+
+    On the CPU float32 is the default because bf16 cost quality there: the beard_glasses recipe run in bf16 on the
+    2-core Xeon reconstructed 0.4-0.5 dB below the same recipe in float32, for 1.2x the speed (docs/evaluation.md,
+    "Reproducing the shipped weights from recipes"; docs/benchmarks.md, "Training step throughput")."""
+    if choice not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {choice!r}")
+    if choice == "float32" or (choice == "auto" and device.type != "cuda"):
+        return "float32"
+    if device.type == "cpu" and not checkpoint.cpu_has_bf16():
+        raise ValueError("--precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX); use float32")
+    return "bf16 autocast"
+
+
 class Trainer:
     """The nets, their optimisers and one training step of a stage's objective; `train_stage` adds data, logging
     and checkpoints around it, and the training benchmark times `step` alone.
 
-    `weights` maps term names (`terms.TERMS`) to weights; terms without a weight above zero are not computed."""
+    `weights` maps term names (`terms.TERMS`) to weights; terms without a weight above zero are not computed. On
+    the CPU the nets and batches are kept channels_last, where oneDNN's convolutions run fastest."""
 
     def __init__(self, weights: dict[str, float], model_cfg: ModelConfig, device: torch.device, world_size: int = 1, *,
                  lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999), clip: float = 5.0,
-                 common_noise: float = 0.0, amp: bool = True):
+                 common_noise: float = 0.0, precision: str = "auto"):
         terms.check_weights(weights, model_cfg.variant)
         if common_noise < 0:
             raise ValueError(f"common_noise must not be negative, not {common_noise}")
@@ -121,6 +138,13 @@ class Trainer:
         self.metrics = tuple(self.weights) + (self.adversary.name, "disc", "loss")
         self.model = Disentangler(model_cfg).to(device).train()
         self.disc = LatentDiscriminator(model_cfg, groups=self.adversary.groups).to(device).train()
+        self.memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)  # before the optimisers and DDP take the parameters
+        self.disc.to(memory_format=self.memory_format)
+        self.precision = resolve_precision(device, precision)
+        kind = device.type
+        self.autocast = ((lambda: torch.autocast(kind, dtype=torch.bfloat16)) if self.precision == "bf16 autocast"
+                         else nullcontext)
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=lr, betas=tuple(betas))
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=lr, betas=tuple(betas))
         removal = not model_cfg.has_mask and any("removed_a" in t.reads for t in self.terms)
@@ -131,13 +155,14 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.gen = DistributedDataParallel(self.gen, device_ids=ids)
             self.disc_ddp = DistributedDataParallel(self.disc, device_ids=ids)
-        use_amp = device.type == "cuda" and amp
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, neither: torch.Tensor | None = None) -> terms.StepInputs:
         """The step's forward pass and what the terms read of it."""
         if self.needs_neither and neither is None:
             raise ValueError("this objective reads faces with neither attribute: each step needs a batch of them")
+        a, b = a.contiguous(memory_format=self.memory_format), b.contiguous(memory_format=self.memory_format)
+        if neither is not None:
+            neither = neither.contiguous(memory_format=self.memory_format)
         with self.autocast():
             out = self.gen(a, b, neither if self.needs_neither else None)
         return terms.StepInputs(a, b, neither, out, self.read)
@@ -249,7 +274,7 @@ def train_stage(stage: Stage, recipe: Recipe, *, source: PairSource, out: Path, 
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed + d.rank)
     trainer = Trainer(stage.weights, model_cfg, device, d.world_size, lr=stage.lr, betas=recipe.betas, clip=recipe.clip,
-                      common_noise=stage.common_noise, amp=opts.amp)
+                      common_noise=stage.common_noise, precision=opts.precision)
     model = trainer.model
     if trainer.needs_neither and not hasattr(source, "neither_batches"):
         raise ValueError(f"the terms {', '.join(t.name for t in trainer.terms if t.needs_neither) or 'neither_adversarial'} "

@@ -37,12 +37,15 @@ RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 PLAN_FILE = "plan.json"
 
 
+PRECISIONS: tuple[str, ...] = ("auto", "float32", "bf16")  # training.loop.resolve_precision says what each computes in
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """How a run is carried out, as opposed to what it trains (the recipe): none of these change the weights."""
 
     device: str = "auto"  # auto (CUDA when present), cpu, cuda or cuda:N
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, float32 on the CPU), float32 or bf16
     log_every: int = 50
     sample_every: int = 1000  # steps between sample grids (0: only at the end of a stage)
     checkpoint_every: int = 500  # steps between resumable checkpoints (0: only at the end of a stage)
@@ -385,7 +388,7 @@ def run(recipe: Recipe, out: Path, opts, overrides: dict[str, Any] | None = None
     Every rank calls this under torchrun."""
     import torch.distributed as dist
 
-    from .loop import setup_distributed, train_stage
+    from .loop import resolve_precision, setup_distributed, train_stage
 
     overrides = dict(overrides or {})
     skip, start = 0, None
@@ -393,6 +396,7 @@ def run(recipe: Recipe, out: Path, opts, overrides: dict[str, Any] | None = None
         skip, start = start_from(recipe, start_checkpoint)
         overrides["start_from"] = start
     d, device = setup_distributed(opts.device)
+    computes_in = resolve_precision(device, opts.precision)  # before the plan is written, as the data below
     source = build_source(recipe.data)  # before the plan is written: bad data leaves no run behind
     if d.main:
         _check_plan(recipe, overrides, out)
@@ -404,6 +408,7 @@ def run(recipe: Recipe, out: Path, opts, overrides: dict[str, Any] | None = None
         "data": source.describe(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world_size": d.world_size,
+        "precision": computes_in,
         "seed": recipe.seed, "betas": list(recipe.betas), "clip": recipe.clip, "width": recipe.width,
     }
     deadline = time.monotonic() + opts.max_minutes * 60 if opts.max_minutes > 0 else math.inf
