@@ -189,7 +189,9 @@ class UnfoldedConv(nn.Module):
                 matrix = w.permute(2, 3, 1, 0).reshape(16 * conv.in_channels, conv.out_channels)
                 self.window, self.stride = 4, 2
         self.register_buffer("weight", matrix.to(conv.weight.dtype))
-        self.register_buffer("bias", conv.bias.detach().clone() if conv.bias is not None else None)
+        # Each output pixel gets exactly one phase's column, so the bias repeats once per phase and joins the product.
+        bias = None if conv.bias is None else conv.bias.detach().repeat(4 if self.transposed else 1)
+        self.register_buffer("bias", bias)
         self.out_channels = conv.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,18 +202,16 @@ class UnfoldedConv(nn.Module):
         s0, s1, s2, s3 = padded.stride()
         windows = padded.as_strided((n, ho, wo, k, k, c), (s0, s1 * st, s2 * st, s1, s2, s3))
         flat = windows.reshape(n * ho * wo, k * k * c)
+        y = flat @ self.weight if self.bias is None else torch.addmm(self.bias, flat, self.weight)
         if not self.transposed:
-            y = flat @ self.weight if self.bias is None else torch.addmm(self.bias, flat, self.weight)
             out = y.view(n, ho, wo, self.out_channels)
         else:
-            y = (flat @ self.weight).view(n, ho, wo, 2, 2, self.out_channels)
+            y = y.view(n, ho, wo, 2, 2, self.out_channels)
             out = x.new_empty(n, h, 2, w, 2, self.out_channels)
             for r in (0, 1):
                 for s in (0, 1):
                     out[:, :, r, :, s] = y[:, r:r + h, s:s + w, r, s]
             out = out.view(n, 2 * h, 2 * w, self.out_channels)
-            if self.bias is not None:
-                out += self.bias
         out = out.permute(0, 3, 1, 2)  # channels_last strides
         return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 

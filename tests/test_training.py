@@ -350,8 +350,8 @@ def test_start_from_a_checkpoint_of_the_start_recipe_runs_only_the_recipes_own_s
 
 
 def test_cpu_training_runs_channels_last_in_float32_and_bf16_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same nets on the same batch: the default CPU step is float32 (nets channels_last, which a checkpoint
-    stores contiguous), `precision='bf16'` autocasts and lands near it, and a CPU without native bf16 refuses bf16."""
+    """The same nets on the same batch: the default CPU step is float32 with channels_last nets, `precision='bf16'`
+    autocasts and lands near it, and a CPU without native bf16 refuses bf16."""
     from models.config import preset
     from training import loop
 

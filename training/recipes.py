@@ -42,7 +42,8 @@ PRECISIONS: tuple[str, ...] = ("auto", "float32", "bf16")  # training.loop.resol
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How a run is carried out, as opposed to what it trains (the recipe): none of these change the weights."""
+    """How a run is carried out, as opposed to what it trains (the recipe). Only `precision` changes the numbers a
+    step computes (within bf16 rounding); the card records it beside the device."""
 
     device: str = "auto"  # auto (CUDA when present), cpu, cuda or cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, float32 on the CPU), float32 or bf16
