@@ -106,7 +106,8 @@ def run_recipes(args: argparse.Namespace) -> int:
 
     for row in recipes.listing(args.weights):
         m = row["measured"]
-        wall = f"{m['minutes']:.0f} min on {m['device']} ({m['checkpoint']})" if m else "not measured"
+        part = "" if not m or m["stages"] == row["stages"] else f", {m['stages']} of its stages"
+        wall = f"{m['minutes']:.0f} min on {m['device']} ({m['checkpoint']}{part})" if m else "not measured"
         print(f"{row['name']:<20} {row['data']:<30} {row['variant']:<6} {row['stages']} stage(s) "
               f"{row['steps']:>7,} steps  {wall}")
     return 0

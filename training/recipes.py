@@ -465,7 +465,8 @@ def default_for(data: Data) -> str:
 
 def listing(weights_dir: Path | None = None) -> list[dict[str, Any]]:
     """One row per recipe for `did recipes`: name, data, variant, stages, total steps and the wall time measured
-    by the checkpoint in `weights_dir` that names this recipe file (same sha256), if there is one."""
+    by the checkpoint in `weights_dir` that names this recipe file (same sha256), if there is one, with the number
+    of stages it timed (fewer than the recipe's when it started from a checkpoint of the start recipe)."""
     measured: dict[str, dict[str, Any]] = {}
     for card_path in sorted((weights_dir or Path("weights")).glob("*.json")):
         try:
@@ -476,7 +477,7 @@ def listing(weights_dir: Path | None = None) -> list[dict[str, Any]]:
         files = training.get("recipe", {}).get("files", [])
         if files and "minutes" in training:
             measured[files[0]["sha256"]] = {"minutes": training["minutes"], "device": training.get("device"),
-                                            "checkpoint": card_path.stem}
+                                            "checkpoint": card_path.stem, "stages": len(training.get("stages", []))}
     rows = []
     for name in available():
         recipe = load(name)
