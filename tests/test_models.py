@@ -5,7 +5,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from models import Codes, Disentangler, ModelConfig, preset
-from models.networks import DenseConv, LatentDiscriminator, UnfoldedConv, bake_spectral_norm, inference_ready
+from models.networks import (ChannelsLastInstanceNorm, DenseConv, LatentDiscriminator, UnfoldedConv, bake_spectral_norm,
+                             inference_ready)
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +161,36 @@ def test_unfolded_conv_is_the_convolution(transposed: bool, bias: bool, side: in
         UnfoldedConv(nn.Conv2d(6, 5, 3, 1, 1))
 
 
+@pytest.mark.parametrize("side", [2, 4, 5])
+def test_channels_last_instance_norm_is_the_instance_norm(side: int) -> None:
+    """In float64 the in-place norm is InstanceNorm2d to rounding, in either memory format, any batch; bf16 within
+    bf16 rounding of the float64 answer."""
+    torch.manual_seed(4)
+    norm = nn.InstanceNorm2d(6, affine=True).double().eval()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    fast = ChannelsLastInstanceNorm(norm)
+    x = torch.randn(3, 6, side, side, dtype=torch.float64) * 3 + 1
+    with torch.no_grad():
+        want = norm(x)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            got = fast(x.contiguous(memory_format=fmt))
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+            assert got.is_contiguous(memory_format=fmt)
+        assert fast(x[:0]).shape == (0, 6, side, side)
+        half = ChannelsLastInstanceNorm(nn.InstanceNorm2d(6, affine=True).to(torch.bfloat16).eval())
+        half.norm.load_state_dict({k: v.to(torch.bfloat16) for k, v in norm.state_dict().items()})
+        got = half(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+        assert got.dtype == torch.bfloat16 and (got.double() - want).abs().max() <= 0.05
+    with pytest.raises(ValueError, match="affine"):
+        ChannelsLastInstanceNorm(nn.InstanceNorm2d(6))
+
+
 def test_inference_ready_unfolds_the_wide_small_map_layers_in_bf16_only() -> None:
     """Paper widths at 64 px: each encoder's 8x8 -> 4x4 layer (256 channels out) is unfolded in bf16, and the bf16
-    encoders answer as the baked bf16 ones do, to bf16 rounding; float32 keeps oneDNN's kernels there."""
+    encoders answer as the baked bf16 ones do, to bf16 rounding; float32 keeps oneDNN's kernels there. The common
+    code's head (462 channels out) is unfolded in both."""
     torch.manual_seed(3)
     cfg = preset("paper", image_size=64)
     state = Disentangler(cfg).eval().state_dict()
@@ -173,10 +201,16 @@ def test_inference_ready_unfolds_the_wide_small_map_layers_in_bf16_only() -> Non
         m = bake_spectral_norm(m).to(dtype)
         return inference_ready(m) if ready else m
 
-    assert not any(isinstance(m, UnfoldedConv) for m in model(torch.float32, True).modules())
+    in_f32 = [name for name, m in model(torch.float32, True).named_modules() if isinstance(m, UnfoldedConv)]
+    assert in_f32 == ["enc_common.head"]
     ready, baked = model(torch.bfloat16, True), model(torch.bfloat16, False)
     unfolded = [name for name, m in ready.named_modules() if isinstance(m, UnfoldedConv)]
-    assert unfolded == [f"{enc}.body.3.0" for enc in ("enc_common", "enc_a", "enc_b")]
+    assert unfolded == ["enc_common.body.3.0", "enc_common.head", "enc_a.body.3.0", "enc_b.body.3.0"]
+    # bf16: the norms of maps up to 16x16 read channels_last maps in place (at 64 px all three: 16, 8 and 4)
+    in_place = [name for name, m in ready.named_modules() if isinstance(m, ChannelsLastInstanceNorm)]
+    assert [n for n in in_place if n.startswith("enc_common.")] == [f"enc_common.body.{i}.1" for i in (1, 2, 3)]
+    at_128 = inference_ready(Disentangler(preset("paper", image_size=128)).eval().to(torch.bfloat16))
+    assert not isinstance(at_128.enc_common.body[1][1], ChannelsLastInstanceNorm)  # its 32x32 map: built in
     x = (torch.rand(2, 3, 64, 64) * 2 - 1).to(torch.bfloat16)
     with torch.no_grad():
         for channels_last in (False, True):
@@ -198,6 +232,8 @@ def test_inference_ready_answers_as_the_trained_model(size: int, variant: str) -
     ready.load_state_dict(trained.state_dict())
     inference_ready(ready)
     assert sum(isinstance(m, DenseConv) for m in ready.modules()) == 4  # three encoder heads, the decoder's first layer
+    normed = [block for enc in (ready.enc_common, ready.enc_a, ready.enc_b) for block in enc.body[1:]]
+    assert normed and all(isinstance(block[1], ChannelsLastInstanceNorm) for block in normed)  # float32: every one
     x = torch.rand(3, 3, size, size) * 2 - 1
     with torch.no_grad():
         for channels_last in (False, True):
