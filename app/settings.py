@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="intra-op threads of torch per process (0: torch's default, one per "
                                "physical core, shared out among the uvicorn workers)")
     channels_last: bool = Field(False, description="the networks' weights and activations in channels_last memory "
-                                "format: faster with bfloat16 on CPUs with AVX512-BF16 or AMX (docs/benchmarks.md)")
+                                "format: a faster model on the CPU, in float32 and in bfloat16 (docs/benchmarks.md)")
     compile: Compile = Field(
         "none", description="fixed batch shapes for the networks: buckets pads every model call to a power of two; "
         "compile also compiles each shape with torch.compile at startup (CUDA graphs on CUDA)")

@@ -6,7 +6,7 @@ model call, PNG out).
                               [--write]
 
 Starts real uvicorn processes on loopback: `did serve` with the batcher on (DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5;
-batched-bf16 adds DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true where bf16 is native; batched-2w runs two uvicorn
+batched-cl adds DID_CHANNELS_LAST=true; batched-bf16 adds DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true where bf16 is native; batched-2w runs two uvicorn
 worker processes, each with its own batcher and its share of torch's threads),
 `did serve` naive (DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0: one model call per request), and the wrapper, each with
 one worker (but batched-2w) on the same checkpoint and device, and at each concurrency drives one right after the other with a closed loop of
@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BATCHED = {"DID_MAX_BATCH": "32", "DID_MAX_WAIT_MS": "5"}
 CONFIGS = {  # the did serve settings of each configuration (DID_WORKERS becomes its --workers)
     "batched": BATCHED,
+    "batched-cl": {**BATCHED, "DID_CHANNELS_LAST": "true"},
     "batched-bf16": {**BATCHED, "DID_DTYPE": "bfloat16", "DID_CHANNELS_LAST": "true"},
     "batched-2w": {**BATCHED, "DID_WORKERS": "2"},
     "naive": {"DID_MAX_BATCH": "1", "DID_MAX_WAIT_MS": "0"},
