@@ -6,8 +6,8 @@ model call, PNG out).
                               [--write]
 
 Starts real uvicorn processes on loopback: `did serve` with the batcher on (DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5;
-batched-cl adds DID_CHANNELS_LAST=true; batched-bf16 adds DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true where bf16 is native; batched-2w runs two uvicorn
-worker processes, each with its own batcher and its share of torch's threads),
+batched-cl adds DID_CHANNELS_LAST=true; batched-bf16 adds DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true where bf16
+is native; batched-2w runs two uvicorn worker processes, each with its own batcher and its share of torch's threads),
 `did serve` naive (DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0: one model call per request), and the wrapper, each with
 one worker (but batched-2w) on the same checkpoint and device, and at each concurrency drives one right after the other with a closed loop of
 `concurrency` asyncio clients, each level bounded by --requests and --seconds. The clients are minimal keep-alive

@@ -253,13 +253,14 @@ class ChannelsLastInstanceNorm(nn.Module):
 
 UNFOLD_MIN_CHANNELS = 256  # UnfoldedConv where a layer has this many output channels ...
 UNFOLD_MAX_MAP = 16  # ... and an input map of at most this side, in bf16
+NORM_MAX_MAP_BF16 = 16  # ChannelsLastInstanceNorm in bf16 on maps up to this side (slower on 32x32)
 
 
 def inference_ready(model: nn.Module, matrices: bool = True) -> nn.Module:
     """An eval-mode model made ready to serve: spectral norm baked (`bake_spectral_norm`) and, on the CPU:
 
     - each encoder's instance norms read channels_last maps in place (`ChannelsLastInstanceNorm`): in float32 all
-      of them, in bf16 those on maps of at most UNFOLD_MAX_MAP;
+      of them, in bf16 those on maps of at most NORM_MAX_MAP_BF16;
     - the layers on either side of the 2x2 code map computed as matrices: an encoder's last layer (4x4 -> 2x2) as
       one product over its windows (`UnfoldedConv`) when it has at least UNFOLD_MIN_CHANNELS outputs (the common
       code at paper widths), else, like the decoder's first layer (2x2 -> 4x4), as the one matrix it applies to
@@ -289,7 +290,7 @@ def inference_ready(model: nn.Module, matrices: bool = True) -> nn.Module:
             for i, block in enumerate(module.body):  # the last body layer reads the 8x8 map, each before it twice that
                 in_side = 8 << (len(module.body) - 1 - i)
                 block[0] = unfolded(block[0], in_side)
-                if isinstance(block[1], nn.InstanceNorm2d) and (not bf16 or in_side // 2 <= UNFOLD_MAX_MAP):
+                if isinstance(block[1], nn.InstanceNorm2d) and (not bf16 or in_side // 2 <= NORM_MAX_MAP_BF16):
                     block[1] = ChannelsLastInstanceNorm(block[1])
             if matrices:
                 wide = module.head.out_channels >= UNFOLD_MIN_CHANNELS
