@@ -11,11 +11,12 @@ from models.images import Fit
 from .imaging import Format
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-# One code given inline: a latent id, "zero", or the code's numbers in (C, 2, 2) row-major order.
+# One code given inline: a latent id, "zero", or the code's numbers in (C, H, W) row-major order.
 CodeSource = Annotated[
     Annotated[str, Field(max_length=128)] | Annotated[list[FiniteFloat], Field(max_length=65536)] | None,
     Field(description='a latent id (that latent\'s code of the same name), "zero" or null (all zeros), or the code\'s '
-          "numbers flattened from (C, 2, 2); their count per code is in GET /models"),
+          "numbers flattened from (C, H, W): H = W = 2, or the common_map of a model whose common code is larger; their "
+          "count per code is in GET /models"),
 ]
 
 
@@ -25,7 +26,7 @@ class Domains(BaseModel):
 
 
 class CodeSizes(BaseModel):
-    """Numbers in each code (channels x 2 x 2)."""
+    """Numbers in each code (channels x H x W of its map)."""
 
     common: int
     sep_a: int
@@ -58,7 +59,7 @@ class Readiness(BaseModel):
 
 
 class Latents(BaseModel):
-    """The three codes of an image, flattened from (C, 2, 2)."""
+    """The three codes of an image, each flattened from (C, H, W) (`CodeSource`)."""
 
     common: list[float]
     sep_a: list[float]

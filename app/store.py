@@ -24,7 +24,7 @@ from .errors import Unavailable, UnknownLatent
 
 @dataclass(frozen=True)
 class Latent:
-    """One image's codes (each (C, 2, 2), CPU float32) and what the service knows about them."""
+    """One image's codes (each (C, H, W), CPU float32) and what the service knows about them."""
 
     model: str
     codes: Codes

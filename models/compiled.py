@@ -85,7 +85,7 @@ def warm(model: Disentangler) -> int:
         if not isinstance(net, Bucketed):
             continue
         for b in net.buckets:
-            shape = (b, 3, cfg.image_size, cfg.image_size) if name != "decoder" else (b, cfg.code_channels, 2, 2)
+            shape = (b, 3, cfg.image_size, cfg.image_size) if name != "decoder" else (b, cfg.code_channels, *cfg.common_shape)
             net(torch.zeros(shape, device=param.device, dtype=param.dtype))
             shapes += 1
     return shapes

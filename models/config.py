@@ -26,6 +26,7 @@ class ModelConfig:
     max_width: int = 512  # ... up to this cap
     code_channels: int = 512  # common + sep_a + sep_b channels of the 2x2 code map
     sep_channels: int = 25  # channels of each separate code
+    common_map: int = 2  # side of the common code's map (the separate codes' map is 2x2)
     disc_hidden: int = 512  # hidden units of the latent discriminator MLP
     variant: Variant = "plain"
     domain_a: str = "a"
@@ -41,6 +42,9 @@ class ModelConfig:
             raise ValueError(f"code_channels ({self.code_channels}) must exceed 2 * sep_channels ({self.sep_channels})")
         if min(self.base_width, self.max_width, self.sep_channels, self.disc_hidden) < 1:
             raise ValueError("widths and code sizes must be positive")
+        m = self.common_map
+        if m < 2 or m & (m - 1) or m > s // 4:
+            raise ValueError(f"common_map must be a power of two from 2 to image_size / 4 = {s // 4}, not {m}")
         if not self.domain_a or not self.domain_b or self.domain_a == self.domain_b:
             raise ValueError(f"domain names must be two different non-empty names, not {self.domain_a!r}/{self.domain_b!r}")
 
@@ -60,8 +64,26 @@ class ModelConfig:
 
     @property
     def code_shape(self) -> tuple[int, int]:
-        """Spatial size of every code map."""
+        """Spatial size of a separate code's map."""
         return (2, 2)
+
+    @property
+    def common_shape(self) -> tuple[int, int]:
+        """Spatial size of the common code's map: 2x2 (the published), or larger where the common code keeps the
+        image's layout (the digit models: 8x8 at 32 px)."""
+        return (self.common_map, self.common_map)
+
+    def halvings(self, side: int) -> int:
+        """Stride-2 layers from image_size down to a map of `side` (the rest of a net's layers keep the side)."""
+        return self.num_layers - (side.bit_length() - 2)
+
+    def part_shape(self, part: str) -> tuple[int, int, int]:
+        """(C, H, W) of one image's code `part`: 'common', 'sep_a' or 'sep_b'."""
+        if part == "common":
+            return (self.common_channels, *self.common_shape)
+        if part in ("sep_a", "sep_b"):
+            return (self.sep_channels, *self.code_shape)
+        raise ValueError(f"unknown code {part!r}: expected 'common', 'sep_a' or 'sep_b'")
 
     @property
     def sep_size(self) -> int:
@@ -70,7 +92,7 @@ class ModelConfig:
 
     @property
     def common_size(self) -> int:
-        return self.common_channels * 4
+        return self.common_channels * self.common_map**2
 
     @property
     def has_mask(self) -> bool:

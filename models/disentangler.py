@@ -44,7 +44,7 @@ PARTS: tuple[Part, ...] = ("common", "a", "b")  # the encoders E_c, E_sA, E_sB, 
 
 
 class Codes(NamedTuple):
-    """The three codes of a batch, each (N, C, 2, 2); a code that was not computed (`encode`'s `parts`) is None."""
+    """The three codes of a batch, each (N, C, H, W) (2x2, or a larger common map); a code that was not computed (`encode`'s `parts`) is None."""
 
     common: torch.Tensor
     sep_a: torch.Tensor
@@ -132,13 +132,19 @@ def _values(option: bool | float | int | str | torch.Tensor) -> set:
     return {option}
 
 
+def _spread(code: torch.Tensor, side: int) -> torch.Tensor:
+    """A separate code's 2x2 map at a larger common map's side: each cell over its quarter of the map."""
+    k = side // code.shape[-1]
+    return code if k == 1 else code.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
+
+
 class Disentangler(nn.Module):
     """E_c, E_sA, E_sB and G of one trained model, with the method's edits as batched operations."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.enc_common = Encoder(config, config.common_channels)
+        self.enc_common = Encoder(config, config.common_channels, config.common_map)
         self.enc_a = Encoder(config, config.sep_channels)
         self.enc_b = Encoder(config, config.sep_channels)
         self.decoder = Decoder(config)
@@ -168,10 +174,9 @@ class Disentangler(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Codes -> (the generator's raw RGB (N, 3, S, S) in [-1, 1], its mask (N, 1, S, S) in [0, 1] or None for
         a plain model); a missing separate code means zero (attribute absent)."""
-        n = common.shape[0]
-        zeros = common.new_zeros((n, self.config.sep_channels, *common.shape[2:]))
-        sep_a = zeros if sep_a is None else sep_a
-        sep_b = zeros if sep_b is None else sep_b
+        n, side = common.shape[0], common.shape[-1]
+        zeros = common.new_zeros((n, self.config.sep_channels, side, side))
+        sep_a, sep_b = (zeros if code is None else _spread(code, side) for code in (sep_a, sep_b))
         out = self.decoder(torch.cat([common, sep_a, sep_b], dim=1))
         if not self.config.has_mask:
             return out, None
@@ -406,7 +411,7 @@ class Disentangler(nn.Module):
         moved = {"common": (0,), "a": (1,), "b": (2,), "all": (0, 1, 2)}[space]
         path = []
         for i, (s, e) in enumerate(zip(start, end)):
-            s = s.unsqueeze(1)  # (N, 1, C, 2, 2)
+            s = s.unsqueeze(1)  # (N, 1, C, H, W)
             p = s + t * (e.unsqueeze(1) - s) if i in moved else s.expand(-1, steps, -1, -1, -1)
             path.append(p.reshape(n * steps, *s.shape[2:]))
         return self.decode(*path).view(n, steps, 3, self.config.image_size, self.config.image_size)
@@ -433,7 +438,7 @@ class Disentangler(nn.Module):
             part = {"common": "common", "sep_a": "a", "sep_b": "b"}[field]
             raise ValueError(f"{what} reads the {field} code, which was not computed (encode with {part!r} in parts)")
         like = next(t for t in codes if t is not None)
-        return like.new_zeros((like.shape[0], self.config.sep_channels, *like.shape[2:]))
+        return like.new_zeros((like.shape[0], self.config.sep_channels, *self.config.code_shape))
 
     def _edit(self, new: Codes, source: Codes, drop_a: torch.Tensor, drop_b: torch.Tensor, paste: torch.Tensor,
               threshold: torch.Tensor, soft: torch.Tensor) -> Edit:

@@ -11,47 +11,63 @@ from torch.nn.utils.parametrizations import spectral_norm
 from .config import ModelConfig
 
 
-def _down(c_in: int, c_out: int, norm: bool) -> nn.Sequential:
-    """4x4 stride-2 convolution (spectral norm) -> instance norm -> LeakyReLU 0.2: halves the map."""
-    layers: list[nn.Module] = [spectral_norm(nn.Conv2d(c_in, c_out, 4, 2, 1))]
+def _down(c_in: int, c_out: int, norm: bool, stride: int = 2) -> nn.Sequential:
+    """4x4 stride-2 convolution (spectral norm) -> instance norm -> LeakyReLU 0.2: halves the map. Stride 1 (a 3x3
+    convolution) keeps it: the layers of a common encoder past its map's size."""
+    conv = nn.Conv2d(c_in, c_out, 4, 2, 1) if stride == 2 else nn.Conv2d(c_in, c_out, 3, 1, 1)
+    layers: list[nn.Module] = [spectral_norm(conv)]
     if norm:
         layers.append(nn.InstanceNorm2d(c_out, affine=True))
     layers.append(nn.LeakyReLU(0.2, inplace=True))
     return nn.Sequential(*layers)
 
 
-def _up(c_in: int, c_out: int) -> nn.Sequential:
-    """4x4 stride-2 transposed convolution -> layer norm over (C, H, W) -> ReLU: doubles the map.
+def _up(c_in: int, c_out: int, stride: int = 2) -> nn.Sequential:
+    """4x4 stride-2 transposed convolution -> layer norm over (C, H, W) -> ReLU: doubles the map. Stride 1 (a 3x3
+    convolution) keeps it: the decoder's layers before a larger common map's size.
 
     The decoder normalises per sample over all channels (GroupNorm with one group) rather than per channel:
     instance norm on the 4x4 map right after the 2x2 code would erase each channel's mean, which is where the
     size of a separate code (and so an edit's `strength`) lives. One group keeps outputs independent of the batch.
     """
-    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1), nn.GroupNorm(1, c_out), nn.ReLU(inplace=True))
+    conv = nn.ConvTranspose2d(c_in, c_out, 4, 2, 1) if stride == 2 else nn.Conv2d(c_in, c_out, 3, 1, 1)
+    return nn.Sequential(conv, nn.GroupNorm(1, c_out), nn.ReLU(inplace=True))
+
+
+def _strides(layers: int, halvings: int) -> list[int]:
+    """Strides of `layers` layers of which the first `halvings` halve (or, read backwards, double) the map."""
+    return [2] * halvings + [1] * (layers - halvings)
 
 
 class Encoder(nn.Module):
-    """Image (N, 3, S, S) -> code map (N, out_channels, 2, 2).
+    """Image (N, 3, S, S) -> code map (N, out_channels, map_side, map_side), 2x2 unless a larger common map is asked.
 
     The same class is the common encoder E_c (out_channels = common) and both separate encoders E_sA, E_sB
-    (out_channels = sep). 128 px: 3 -> 32 (64x64) -> 64 (32) -> 128 (16) -> 256 (8) -> 512 (4) -> out (2).
+    (out_channels = sep). 128 px: 3 -> 32 (64x64) -> 64 (32) -> 128 (16) -> 256 (8) -> 512 (4) -> out (2). A
+    larger map_side keeps the layer count and widths: the layers past that side are 3x3 stride-1 convolutions.
     """
 
-    def __init__(self, config: ModelConfig, out_channels: int):
+    def __init__(self, config: ModelConfig, out_channels: int, map_side: int = 2):
         super().__init__()
         widths = (3, *config.hidden_widths)
-        self.body = nn.Sequential(*(_down(c_in, c_out, norm=i > 0) for i, (c_in, c_out) in enumerate(zip(widths, widths[1:]))))
+        strides = _strides(config.num_layers, config.halvings(map_side))
+        self.image_size = config.image_size
+        self.body = nn.Sequential(*(_down(c_in, c_out, norm=i > 0, stride=st)
+                                    for i, (c_in, c_out, st) in enumerate(zip(widths, widths[1:], strides))))
         # The code layer: no norm or activation, so a separate code can be exactly zero (the zero loss) or any size.
-        self.head = spectral_norm(nn.Conv2d(widths[-1], out_channels, 4, 2, 1))
+        head = nn.Conv2d(widths[-1], out_channels, 4, 2, 1) if strides[-1] == 2 else nn.Conv2d(widths[-1], out_channels, 3, 1, 1)
+        self.head = spectral_norm(head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
 
 class Decoder(nn.Module):
-    """Concatenated codes (N, common + 2*sep, 2, 2) -> image (N, 3, S, S) in [-1, 1].
+    """Concatenated codes (N, common + 2*sep, M, M) -> image (N, 3, S, S) in [-1, 1], M the common map's side (the
+    separate codes spread to it: `Disentangler.decode_parts`).
 
-    128 px: 512 (2x2) -> 512 (4) -> 256 (8) -> 128 (16) -> 64 (32) -> 32 (64) -> 3 (128), tanh.
+    128 px: 512 (2x2) -> 512 (4) -> 256 (8) -> 128 (16) -> 64 (32) -> 32 (64) -> 3 (128), tanh. With a larger
+    common map the first layers are 3x3 stride-1 convolutions at its side, the same count and widths.
 
     The mask variant's last layer has a fourth output channel, the logit of the attribute's mask: forward then
     returns (N, 4, S, S), RGB (tanh) in channels 0-2 and the mask (sigmoid, in [0, 1]) in channel 3. One layer
@@ -63,7 +79,9 @@ class Decoder(nn.Module):
         super().__init__()
         widths = (config.code_channels, *reversed(config.hidden_widths))
         self.has_mask = config.has_mask
-        self.body = nn.Sequential(*(_up(c_in, c_out) for c_in, c_out in zip(widths, widths[1:])))
+        strides = _strides(config.num_layers, config.halvings(config.common_map))[::-1]
+        self.code_side = config.common_map
+        self.body = nn.Sequential(*(_up(c_in, c_out, st) for c_in, c_out, st in zip(widths, widths[1:], strides)))
         self.to_rgb = nn.ConvTranspose2d(widths[-1], 4 if self.has_mask else 3, 4, 2, 1)
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
@@ -77,7 +95,7 @@ class Decoder(nn.Module):
 
 
 class LatentDiscriminator(nn.Module):
-    """Common code (N, common, 2, 2) -> logit (N,) that the code came from domain a (training only).
+    """Common code (N, common, M, M) -> logit (N,) that the code came from domain a (training only).
 
     Plain linear layers, as in the published code, with no spectral norm: a Lipschitz-bounded discriminator cannot
     see an attribute that the common code carries in small differences the decoder still reads (docs/research.md).
@@ -251,6 +269,12 @@ class ChannelsLastInstanceNorm(nn.Module):
         return y.view(n, h, w, c).permute(0, 3, 1, 2)  # channels_last strides
 
 
+def _halves(layer: nn.Module) -> bool:
+    """Whether a layer is one of the 4x4 stride-2 (transposed) convolutions that halve (double) a map; the
+    stride-1 layers at a larger common map's side keep it."""
+    return isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and layer.stride == (2, 2)
+
+
 UNFOLD_MIN_CHANNELS = 256  # UnfoldedConv where a layer has this many output channels ...
 UNFOLD_MAX_MAP = 16  # ... and an input map of at most this side, in bf16
 NORM_MAX_MAP_BF16 = 16  # ChannelsLastInstanceNorm in bf16 on maps up to this side (slower on 32x32)
@@ -283,21 +307,23 @@ def inference_ready(model: nn.Module, matrices: bool = True) -> nn.Module:
 
     def unfolded(layer: nn.Module, in_side: int) -> nn.Module:
         wide = getattr(layer, "out_channels", 0) >= UNFOLD_MIN_CHANNELS
-        return UnfoldedConv(layer) if matrices and bf16 and wide and in_side <= UNFOLD_MAX_MAP else layer
+        return UnfoldedConv(layer) if matrices and bf16 and wide and in_side <= UNFOLD_MAX_MAP and _halves(layer) else layer
 
     for module in model.modules():
         if isinstance(module, Encoder) and isinstance(module.head, nn.Conv2d):
-            for i, block in enumerate(module.body):  # the last body layer reads the 8x8 map, each before it twice that
-                in_side = 8 << (len(module.body) - 1 - i)
-                block[0] = unfolded(block[0], in_side)
-                if isinstance(block[1], nn.InstanceNorm2d) and (not bf16 or in_side // 2 <= NORM_MAX_MAP_BF16):
+            side = module.image_size
+            for block in module.body:
+                conv, block[0] = block[0], unfolded(block[0], side)
+                side //= 2 if _halves(conv) else 1
+                if isinstance(block[1], nn.InstanceNorm2d) and (not bf16 or side <= NORM_MAX_MAP_BF16):
                     block[1] = ChannelsLastInstanceNorm(block[1])
-            if matrices:
+            if matrices and side == 4 and _halves(module.head):  # the head onto a 2x2 code map
                 wide = module.head.out_channels >= UNFOLD_MIN_CHANNELS
                 module.head = UnfoldedConv(module.head) if wide else DenseConv(module.head, (4, 4))
-        elif (matrices and isinstance(module, Decoder) and len(module.body)
-              and isinstance(module.body[0][0], nn.ConvTranspose2d)):
-            module.body[0][0] = DenseConv(module.body[0][0], (2, 2))
-            for j, block in enumerate(module.body[1:], start=1):  # layer j reads the map of side 2^(j + 1)
-                block[0] = unfolded(block[0], 2 << j)
+        elif matrices and isinstance(module, Decoder) and len(module.body):
+            side = module.code_side
+            for j, block in enumerate(module.body):
+                if _halves(block[0]):  # a transposed convolution, doubling the map
+                    block[0] = DenseConv(block[0], (2, 2)) if j == 0 and side == 2 else unfolded(block[0], side)
+                    side *= 2
     return model

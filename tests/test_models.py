@@ -245,3 +245,42 @@ def test_inference_ready_answers_as_the_trained_model(size: int, variant: str) -
                 assert torch.allclose(w, g, atol=1e-5)
             code = torch.cat(list(want), dim=1)
             assert torch.allclose(trained.decoder(code), ready.decoder(code), atol=1e-5)
+
+
+@pytest.mark.parametrize("side", [4, 8])
+def test_a_larger_common_map_keeps_the_layout(side: int) -> None:
+    """common_map > 2: the common code is a (C, side, side) map (its encoder stops halving there, its later layers
+    keep the side), the separate codes stay 2x2 and reach the decoder spread over their quarters; the edits,
+    the discriminator and inference_ready work on it unchanged."""
+    torch.manual_seed(3)
+    cfg = preset("tiny", image_size=32, common_map=side)
+    assert cfg.common_shape == (side, side) and cfg.code_shape == (2, 2)
+    assert cfg.common_size == cfg.common_channels * side * side
+    model = Disentangler(cfg).eval()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        codes = model.encode(x)
+        assert codes.common.shape == (4, cfg.common_channels, side, side)
+        assert codes.sep_a.shape == codes.sep_b.shape == (4, cfg.sep_channels, 2, 2)
+        assert LatentDiscriminator(cfg)(codes.common).shape == (4,)
+        # each separate-code cell reaches its quarter of the decoder's input map
+        k = side // 2
+        spread = codes.sep_b.repeat_interleave(k, 2).repeat_interleave(k, 3)
+        direct = model.decoder(torch.cat([codes.common, torch.zeros_like(spread), spread], dim=1))
+        assert torch.allclose(model.decode(codes.common, None, codes.sep_b), direct)
+        moved = model.transfer(x[:2], x[2:], target=1)
+        assert torch.allclose(moved, model.decode(codes.common[:2], None, codes.sep_b[2:]), atol=1e-6)
+        assert model.interpolate(Codes(*(t[:2] for t in codes)), Codes(*(t[2:] for t in codes)), 3).shape == (2, 3, 3, 32, 32)
+        ready = Disentangler(cfg).eval()
+        ready.load_state_dict(model.state_dict())
+        inference_ready(ready)
+        assert isinstance(ready.enc_a.head, DenseConv) and not isinstance(ready.enc_common.head, DenseConv)
+        for w, g in zip(codes, ready.encode(x)):
+            assert torch.allclose(w, g, atol=1e-5)
+        assert torch.allclose(model.decode(*codes), ready.decode(*codes), atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [1, 3, 16])
+def test_rejects_bad_common_maps(bad: int) -> None:
+    with pytest.raises(ValueError, match="common_map"):
+        ModelConfig(image_size=32, common_map=bad)

@@ -118,6 +118,7 @@ class Recipe:
     base_width: int | None = None  # size overrides of the preset
     sep_channels: int | None = None
     code_channels: int | None = None
+    common_map: int | None = None
     seed: int = 0
     betas: tuple[float, float] = (0.5, 0.999)
     clip: float = 5.0  # gradient-norm clip of both nets
@@ -134,7 +135,7 @@ class Recipe:
         return self.stages[-1].variant
 
     def sizes(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in ("base_width", "sep_channels", "code_channels") if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in ("base_width", "sep_channels", "code_channels", "common_map") if getattr(self, k) is not None}
 
     def model_config(self, stage: Stage, domains: tuple[str, str]) -> ModelConfig:
         return preset(self.width, image_size=self.data.image_size, domain_a=domains[0], domain_b=domains[1],

@@ -70,15 +70,14 @@ async def decode(body: DecodeRequest, registry: RegistryDep, store: StoreDep, ou
         if lat.model != entry.name:
             raise BadRequest(f"{k}: latent {ids[k]!r} belongs to model {lat.model!r}, not {entry.name!r}")
     cfg = entry.config
-    channels = {"common": cfg.common_channels, "sep_a": cfg.sep_channels, "sep_b": cfg.sep_channels}
     parts = []
     for k in CODE_NAMES:
-        shape = (channels[k], *cfg.code_shape)
+        shape = cfg.part_shape(k)
         v = sources[k]
         if k in latents:
             t = getattr(latents[k].codes, k)
         elif isinstance(v, list):
-            need = channels[k] * cfg.code_shape[0] * cfg.code_shape[1]
+            need = shape[0] * shape[1] * shape[2]
             if len(v) != need:
                 raise BadRequest(f"{k}: {len(v)} numbers given; model {entry.name!r} needs {need} (shape {list(shape)})")
             t = torch.tensor(v, dtype=torch.float32).view(shape)
