@@ -328,7 +328,7 @@ class Batcher:
     def _decode(self, group: list[tuple[_Job, Codes]]) -> list[torch.Tensor]:
         """CPU float32 images of each entry's codes, from one decode call."""
         parts = [codes for _, codes in group]
-        codes = Codes.cat(parts) if len(parts) > 1 else parts[0]
+        codes = Codes.cat(parts)
         images = self.model.decode(*codes).float().cpu()
         return [images[s] for s in self._slices([len(c.common) for c in parts])]
 
@@ -344,7 +344,7 @@ class Batcher:
         edits = [edit for _, edit in group]
         sizes = [len(e.codes.common) for e in edits]
         x = torch.cat([job.payload[0][:n] for (job, _), n in zip(group, sizes)])
-        images, masks = self.model.render(self._to_model(x), Edit.cat(edits) if len(edits) > 1 else edits[0])
+        images, masks = self.model.render(self._to_model(x), Edit.cat(edits))
         images = images.float().cpu()
         masks = masks.float().cpu() if masks is not None else None
         return [(images[s], masks[s] if masks is not None else None) for s in self._slices(sizes)]

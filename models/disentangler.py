@@ -55,6 +55,8 @@ class Codes(NamedTuple):
 
     @staticmethod
     def cat(parts: "list[Codes]") -> "Codes":
+        if len(parts) == 1:  # one batch: itself, not a copy (the service's plans join one request's codes per call)
+            return parts[0]
         out = []
         for name, ts in zip(Codes._fields, zip(*parts)):
             missing = sum(t is None for t in ts)
@@ -89,6 +91,8 @@ class Edit(NamedTuple):
 
     @staticmethod
     def cat(parts: "list[Edit]") -> "Edit":
+        if len(parts) == 1:
+            return parts[0]
         return Edit(Codes.cat([p.codes for p in parts]), Codes.cat([p.source for p in parts]),
                     *(torch.cat(ts) for ts in zip(*(p[2:] for p in parts))))
 

@@ -85,6 +85,19 @@ def fit_box(width: int, height: int, size: int, mode: Fit = "crop") -> tuple[Box
     raise ValueError(f"fit must be 'crop' or 'pad', not {mode!r}")
 
 
+def scaled(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`img` resized to `size` (width, height). A downscale by a whole factor k in both directions is the mean of
+    each k x k block (`Image.reduce`): the area average a supersampling renderer draws, at a fraction of bicubic's
+    cost (docs/benchmarks.md, "What a request costs"). Any other scale is bicubic, antialiased, reducing by whole
+    factors first where it shrinks three times or more."""
+    if img.size == size:
+        return img
+    k = img.width // size[0]
+    if k > 1 and img.size == (k * size[0], k * size[1]):
+        return img.reduce(k)
+    return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
 def fit(img: Image.Image, size: int, mode: Fit = "crop", background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
     """Square `size` x `size` RGB: `crop` keeps the central square, `pad` letterboxes the whole image (`fit_box`)."""
     img = to_rgb(img)
@@ -92,9 +105,8 @@ def fit(img: Image.Image, size: int, mode: Fit = "crop", background: tuple[int, 
     dst_size = (dst[2] - dst[0], dst[3] - dst[1])
     if mode == "crop":
         img = img.crop(src) if src != (0, 0, img.width, img.height) else img
-        return img.resize(dst_size, Image.Resampling.BICUBIC, reducing_gap=3.0) if img.size != dst_size else img
-    if img.size != dst_size:
-        img = img.resize(dst_size, Image.Resampling.BICUBIC)
+        return scaled(img, dst_size)
+    img = scaled(img, dst_size)
     if dst_size == (size, size):
         return img
     out = Image.new("RGB", (size, size), background)

@@ -143,20 +143,20 @@ def domain_meta(entry: LoadedModel, placed: list[imaging.Placed], errors: torch.
     cal = entry.calibration
     if errors is None or cal is None:
         return {}
-    scores, out = cal.score(errors), cal.out_of_domain(errors)
+    scores, out = cal.score(errors).tolist(), cal.out_of_domain(errors).tolist()  # Python from here: a few values
     fields = [p.field for p in placed for _ in range(p.rows)]
-    if strict and bool(out.any()):
-        i = int(torch.where(out, scores, torch.full_like(scores, -1)).argmax())
+    if strict and any(out):
+        i = max((i for i in range(len(out)) if out[i]), key=scores.__getitem__)
         data = cal.data
         raise OutOfDomain(
             f"'{fields[i]}' is outside what model {entry.name!r} was trained on ({data.get('kind', 'its data')} "
-            f"{data.get('pair', '')}".rstrip() + f"): its domain score is {float(scores[i]):.2f} (reconstruction error "
+            f"{data.get('pair', '')}".rstrip() + f"): its domain score is {scores[i]:.2f} (reconstruction error "
             f"{float(errors[i]):.4f}), above the threshold {cal.threshold / cal.percentiles['p99']:.2f} ({cal.rule})")
     per, i = [], 0
     for p in placed:
-        per.append(f"{p.field}:" + "/".join(f"{float(v):.3f}" for v in scores[i:i + p.rows]))
+        per.append(f"{p.field}:" + "/".join(f"{v:.3f}" for v in scores[i:i + p.rows]))
         i += p.rows
-    return {"domain_score": f"{float(scores.max()):.3f}", "out_of_domain": "true" if bool(out.any()) else "false",
+    return {"domain_score": f"{max(scores):.3f}", "out_of_domain": "true" if any(out) else "false",
             "domain_scores": ",".join(per)}
 
 
