@@ -3,14 +3,16 @@
 Every endpoint is encode -> cheap code recombination -> decode. Three job kinds carry all the model work:
 `encode(images) -> Codes`, `decode(Codes) -> images`, and `render(images, plan, parts) -> Rendered`, an edit
 in one trip through the queue (an edit that went encode, back to the event loop, then decode would wait for two
-batches instead of one): its images are encoded, `plan` turns their codes into a core `Edit`, and the core's
+batches instead of one): its images are encoded, its `plan` turns their codes into a core `Edit`, and the core's
 `render` carries it out (mask models composite the result over the uploaded image itself). `parts` says which codes
 of each image the edit reads (the core's `*_parts`), so an encoder runs only on the images that need its code.
+A plan is data (`Plan`): the plans of one type whose jobs read the same parts are planned in one call over all
+their rows, so a batch costs a few tensor operations per kind of edit, not per request.
 Requests put jobs on a bounded asyncio queue (full: 503 with Retry-After). One worker task per model takes the
 first waiting job, then gathers more for up to `max_wait_ms` or until `max_batch` images, and runs the whole batch
 in the model's own thread (torch.inference_mode), off the event loop: one call per encoder for the images of every
-encode and render job that need its code, each render job's plan on its own codes, then one decode call for every
-decode job and one render call for every render job. While that thread computes, new jobs queue up and form the
+encode and render job that need its code, the render jobs' plans (one call per kind), then one decode call for
+every decode job and one render call for every render job. While that thread computes, new jobs queue up and form the
 next batch. The batcher does not wait when every request in flight already has a job in the batch
 (one client alone is not slowed down by max_wait_ms). `call` runs any other function of the model (interpolation
 paths) in the same thread.
@@ -29,7 +31,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -44,10 +46,22 @@ from .metrics import Metrics
 log = logging.getLogger("did.app")
 
 Kind = Literal["encode", "decode", "render", "call"]
-# A render job's plan: the Codes of each of its images (one row each, on the model's device; a code the job's
-# parts did not ask for is None) -> (the Edit of its first len(Edit) images, anything to hand back).
-Plan = Callable[[list[Codes]], tuple[Edit, Any]]
 ALL: frozenset[Part] = frozenset(PARTS)
+
+
+class Plan(Protocol):
+    """What a render job asks of the model: how to make an Edit of its images' codes. The job's first `rows` images
+    are the ones edited (their Edit's rows); any images after them only lend codes (guides).
+
+    `many` runs in the model's thread and plans every job of one batch that has this plan's type and reads the same
+    parts, in one go: codes[i] holds the Codes of job i's images (one row each, on the model's device; a code the
+    job's parts did not ask for is None). It returns one Edit whose rows are the jobs' edited images in order, and
+    one value per job to hand back (`Rendered.extra`). A plan may only recombine codes."""
+
+    rows: int
+
+    @classmethod
+    def many(cls, model: Disentangler, plans: Sequence[Any], codes: Sequence[list[Codes]]) -> tuple[Edit, list[Any]]: ...
 
 
 class Rendered(NamedTuple):
@@ -98,13 +112,15 @@ class Batcher:
     async def render(self, images: torch.Tensor, plan: Plan, parts: tuple[frozenset[Part], ...] | None = None,
                      score: bool = False) -> Rendered:
         """Encode (N, 3, S, S) CPU images (of image i only the codes in parts[i]; None: all three of every image),
-        plan an Edit on their codes, carry it out on the first M images (the ones edited; guides follow them).
-        `plan` runs in the model's thread; it must only recombine codes. `score` also measures every image's
-        reconstruction error (`models.calibration`: all three codes and one more decode per image)."""
+        plan an Edit on their codes (`Plan`), carry it out on the first plan.rows images (the ones edited; guides
+        follow them). `score` also measures every image's reconstruction error (`models.calibration`: all three
+        codes and one more decode per image)."""
         n = images.shape[0]
         parts = (ALL,) * n if parts is None or score else tuple(frozenset(p) for p in parts)
         if len(parts) != n or not all(p <= ALL for p in parts):
             raise ValueError(f"parts needs one subset of {PARTS} per image ({n}), not {parts}")
+        if not 1 <= plan.rows <= n:
+            raise ValueError(f"a plan edits 1 to {n} of the job's images, not {plan.rows}")
         return await self._submit("render", (images, plan, parts, score), n)
 
     async def call(self, fn: Callable[[Disentangler], Any], rows: int = 1) -> Any:
@@ -247,34 +263,32 @@ class Batcher:
             del jobs, results  # the batch's tensors go as soon as their requests have them
 
     def _run(self, jobs: list[_Job]) -> list[Any]:
-        """The whole batch in the model's thread: one call per encoder, the render jobs' plans, one decode call for
-        the reconstructions of the scored render jobs, one decode call, one render call."""
+        """The whole batch in the model's thread: one call per encoder, the render jobs' plans (one call per kind of
+        plan), one decode call for the reconstructions of the scored render jobs, one decode call, one render call."""
         results: dict[int, Any] = {}
         with torch.inference_mode():
             encoding = [j for j in jobs if j.kind in ("encode", "render")]
             to_decode: list[tuple[_Job, Codes]] = [(j, Codes(*(self._to_model(t) for t in j.payload))) for j in jobs if j.kind == "decode"]
-            to_render: list[tuple[_Job, Edit]] = []
+            to_render: list[tuple[list[_Job], Edit]] = []
             to_score: list[tuple[_Job, list[Codes]]] = []
             if encoding:
+                planned: dict[tuple, list[tuple[_Job, list[Codes]]]] = {}
                 for job, codes in zip(encoding, self._timed("encode", encoding, self._encode)):
                     if job.kind == "encode":
                         results[id(job)] = Codes.cat([Codes(*(t.float().cpu() for t in c)) for c in codes])
                         continue
-                    try:
-                        edit, extra = job.payload[1](codes)
-                    except Exception as e:  # that request's problem only
-                        results[id(job)] = e
-                        continue
-                    results[id(job)] = extra
-                    to_render.append((job, edit))
+                    planned.setdefault((type(job.payload[1]), job.payload[2]), []).append((job, codes))
                     if job.payload[3]:
                         to_score.append((job, codes))
+                for group in planned.values():
+                    to_render.extend(self._plan(group, results))
             errors = dict(zip((id(j) for j, _ in to_score), self._timed("score", to_score, self._score))) if to_score else {}
             if to_decode:
                 for (job, _), image in zip(to_decode, self._timed("decode", to_decode, self._decode)):
                     results[id(job)] = image
             if to_render:
-                for (job, _), (image, mask) in zip(to_render, self._timed("render", to_render, self._render)):
+                rendering = [job for group, _ in to_render for job in group]
+                for job, (image, mask) in zip(rendering, self._timed("render", to_render, self._render)):
                     results[id(job)] = Rendered(image, mask, results[id(job)], errors.get(id(job)))
             for job in jobs:
                 if job.kind == "call":
@@ -283,6 +297,21 @@ class Batcher:
                     except Exception as e:  # e.g. a ValueError of the core: that request's problem only
                         results[id(job)] = e
         return [results[id(j)] for j in jobs]
+
+    def _plan(self, group: list[tuple[_Job, list[Codes]]], results: dict[int, Any]) -> list[tuple[list[_Job], Edit]]:
+        """The Edits of render jobs whose plans share a type and parts: planned together; if that fails, each job
+        alone, so a plan that raises fails its own request only. Each job's extra goes into `results`."""
+        plans = [job.payload[1] for job, _ in group]
+        try:
+            edit, extras = type(plans[0]).many(self.model, plans, [codes for _, codes in group])
+        except Exception as e:  # that request's problem, or one of the group's: find which
+            if len(group) == 1:
+                results[id(group[0][0])] = e
+                return []
+            return [planned for one in group for planned in self._plan([one], results)]
+        for (job, _), extra in zip(group, extras):
+            results[id(job)] = extra
+        return [([job for job, _ in group], edit)]
 
     def _timed(self, kind: str, group: list, fn: Callable[[list], list]) -> list:
         start = time.perf_counter()
@@ -339,12 +368,12 @@ class Batcher:
         errors = reconstruction_error(self.model, x, codes)
         return list(errors.split([len(rows) for _, rows in group]))
 
-    def _render(self, group: list[tuple[_Job, Edit]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(CPU float32 images, CPU masks or None) of each entry's Edit, from one render call."""
-        edits = [edit for _, edit in group]
-        sizes = [len(e.codes.common) for e in edits]
-        x = torch.cat([job.payload[0][:n] for (job, _), n in zip(group, sizes)])
-        images, masks = self.model.render(self._to_model(x), Edit.cat(edits))
+    def _render(self, group: list[tuple[list[_Job], Edit]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(CPU float32 images, CPU masks or None) of each job of each entry's Edit, from one render call."""
+        jobs = [job for entry, _ in group for job in entry]
+        sizes = [job.payload[1].rows for job in jobs]
+        x = torch.cat([job.payload[0][:n] for job, n in zip(jobs, sizes)])
+        images, masks = self.model.render(self._to_model(x), Edit.cat([edit for _, edit in group]))
         images = images.float().cpu()
         masks = masks.float().cpu() if masks is not None else None
         return [(images[s], masks[s] if masks is not None else None) for s in self._slices(sizes)]

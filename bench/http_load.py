@@ -9,8 +9,9 @@ Starts real uvicorn processes on loopback: `did serve` with the batcher on (DID_
 batched-cl adds DID_CHANNELS_LAST=true; batched-bf16 adds DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true where bf16
 is native; batched-2w runs two uvicorn worker processes in channels_last, each with its own batcher and its share of
 torch's threads; batched-2w-nocheck is batched-2w with the out-of-domain check off, DID_DOMAIN_CHECK=false),
-`did serve` naive (DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0: one model call per request), and the wrapper, each with
-one worker (but batched-2w*) on the same checkpoint and device, and at each concurrency drives one right after the other with a closed loop of
+`did serve` naive (DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0: one model call per request), the wrapper, and the floor
+(`bench/http_floor.py`: the service's form model, errors and middlewares, no image or model work: what the web layer
+alone costs), each with one worker (but batched-2w*) on the same checkpoint and device, and at each concurrency drives one right after the other with a closed loop of
 `concurrency` asyncio clients, each level bounded by --requests and --seconds. The clients are minimal keep-alive
 HTTP/1.1 connections by default; `--client httpx` uses httpx.AsyncClient, which costs about 4 ms of CPU per
 request on this class of machine (as much as the service's own work outside the model, taken from the same two
@@ -49,7 +50,9 @@ CONFIGS = {  # the did serve settings of each configuration (DID_WORKERS becomes
     "batched-2w-nocheck": {**BATCHED, "DID_WORKERS": "2", "DID_CHANNELS_LAST": "true", "DID_DOMAIN_CHECK": "false"},
     "naive": {"DID_MAX_BATCH": "1", "DID_MAX_WAIT_MS": "0"},
     "wrapper": {},  # bench/naive_wrapper.py, not did serve
+    "floor": {},  # bench/http_floor.py: the service's web layer alone, no image or model work
 }
+APPS = {"wrapper": "bench.naive_wrapper:app", "floor": "bench.http_floor:app"}  # the rows that are not did serve
 
 
 def free_port() -> int:
@@ -166,10 +169,10 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, **CONFIGS[name], "DID_ACCESS_LOG": "false", "DID_LOG_LEVEL": "warning"}
-        if name == "wrapper":
+        if name in APPS:
             card = sorted(weights.glob("*.json"))[0]
             full_env |= {"NAIVE_WEIGHTS": str(card.with_suffix("")), "NAIVE_DEVICE": device}
-            cmd = [sys.executable, "-m", "uvicorn", "bench.naive_wrapper:app", "--host", "127.0.0.1", "--port",
+            cmd = [sys.executable, "-m", "uvicorn", APPS[name], "--host", "127.0.0.1", "--port",
                    str(self.port), "--workers", "1", "--log-level", "warning", "--no-access-log"]
         else:
             cmd = [sys.executable, "-m", "app.cli", "--host", "127.0.0.1", "--port", str(self.port),
@@ -333,7 +336,8 @@ def main() -> None:
         f"{args.seconds:g} s per level. Model: {origin}.\n"
         + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in env.items())}" for name in args.configs if (env := CONFIGS[name]))
         + f"; all with DID_TORCH_THREADS={threads}. wrapper: bench/naive_wrapper.py (a synchronous FastAPI endpoint, "
-        "Pillow decode, batch-1 model call, PNG out).\n\n"
+        "Pillow decode, batch-1 model call, PNG out); floor: bench/http_floor.py (the service's form model and middlewares, "
+        "both uploads read, one fixed 64 px PNG answered: the web layer alone).\n\n"
         + "CPU ms / request: CPU time (user + system) of the server's processes, and of this load generator, over the "
         "level, divided by the requests answered; on a machine with P cores no configuration answers more than "
         "P x 1000 / (their sum) requests/s.\n\n"

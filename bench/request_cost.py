@@ -25,7 +25,7 @@ from PIL import Image
 import models
 from app import imaging
 from app.batcher import Batcher
-from models import Codes
+from app.routes.edit import TransferPlan
 from models.images import fit, to_pil, to_tensor
 from models.networks import inference_ready
 from training.markdown import table
@@ -47,7 +47,7 @@ def per_call(fn: Callable[[], object], seconds: float) -> float:
 
 def model_cells(model: models.Disentangler, size: int, batch: int) -> tuple[dict[str, Callable[[], object]], Callable[[], None]]:
     """A batch of `batch` transfer requests (content + guide, the guide's domain detected) through one Batcher, as
-    the route submits them, with and without the out-of-domain check (`score`); and the function that stops it."""
+    the route submits them (its `TransferPlan`), with and without the out-of-domain check (`score`); and the function that stops it."""
     loop = asyncio.new_event_loop()
     batcher = Batcher("bench", model, max_batch=2 * batch, max_wait_ms=5.0, queue_size=4 * batch)
     loop.run_until_complete(asyncio.sleep(0))
@@ -56,10 +56,7 @@ def model_cells(model: models.Disentangler, size: int, batch: int) -> tuple[dict
     g = torch.Generator().manual_seed(0)
     pairs = [torch.rand(2, 3, size, size, generator=g) * 2 - 1 for _ in range(batch)]
     parts = model.transfer_parts(None, False)
-
-    def plan(codes: list[Codes]):  # the route's: the guide's domain detected, its code onto the content
-        to = model.detect(codes[1])
-        return model.transfer_edit(codes[0], codes[1], to, 1.0, False), None
+    plan = TransferPlan(1, None, 1.0, False)  # the route's: the guide's domain detected, its code onto the content
 
     def run(score: bool) -> Callable[[], object]:
         async def requests() -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+from dataclasses import dataclass
 
 import httpx
 import numpy as np
@@ -17,6 +18,8 @@ from app.batcher import Batcher
 from app.errors import NotReady, Overloaded
 from app.main import create_app
 from app.metrics import Metrics
+from app.routes.edit import TransferPlan
+from models import Codes
 from models.networks import inference_ready
 from app.settings import Settings
 
@@ -205,20 +208,13 @@ def test_render_jobs_encode_only_the_codes_they_read_and_fail_alone(tiny_model):
     hooks = [getattr(tiny_model, name).register_forward_hook(
         lambda mod, inp, out, name=name: seen.__setitem__(name, seen[name] + len(inp[0]))) for name in seen]
 
-    def plan(codes):
-        c, g = codes
-        assert c.sep_a is None and c.sep_b is None and g.common is None and g.sep_a is None
-        return tiny_model.transfer_edit(c, g, torch.tensor([1])), "ok"
-
-    def broken(codes):
-        raise ValueError("bad plan")
-
     async def go():
         metrics = Metrics()
         b = Batcher("m", tiny_model, max_batch=32, max_wait_ms=50, queue_size=16, metrics=metrics)
         b.start()
         try:
-            return await asyncio.gather(*(b.render(x, plan, parts) for x in xs), b.render(xs[0], broken, parts),
+            # the last job's plan is planned with the others and fails their shared call: it alone fails
+            return await asyncio.gather(*(b.render(x, ToB(), parts) for x in xs), b.render(xs[0], ToB(bad=True), parts),
                                         return_exceptions=True), metrics
         finally:
             await b.stop()
@@ -238,6 +234,55 @@ def test_render_jobs_encode_only_the_codes_they_read_and_fail_alone(tiny_model):
             assert torch.allclose(image, tiny_model.transfer(x[:1], x[1:], target=1), atol=1e-5)
 
 
+def test_the_routes_plans_of_many_jobs_equal_each_job_planned_alone(tiny_model):
+    """TransferPlan, IntersectPlan and RemovePlan plan every job of a batch in one call: jobs of several rows (faces),
+    detected and named targets, and different strengths, keeps, thresholds and removals side by side give each job
+    the edit and extra it gets planned alone."""
+    from app.routes.edit import IntersectPlan, RemovePlan
+
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        def images(n):  # one Codes per image, all three codes (as a scored batch encodes them)
+            return [tiny_model.encode(torch.rand(1, 3, 64, 64) * 2 - 1) for _ in range(n)]
+
+        cases = [
+            [TransferPlan(1, None, 1.0, False), TransferPlan(2, 0, 0.5, True), TransferPlan(3, None, 2.0, False), TransferPlan(1, 1, 1.0, True)],
+            [IntersectPlan(2, 1.0), IntersectPlan(1, 0.3)],
+            [RemovePlan(1, None), RemovePlan(2, 0, 0.3, True), RemovePlan(3, 2), RemovePlan(1, None, 0.5)],
+        ]
+        for plans in cases:
+            guides = 2 if isinstance(plans[0], IntersectPlan) else 1 if isinstance(plans[0], TransferPlan) else 0
+            codes = [images(p.rows + guides) for p in plans]
+            together, extras = type(plans[0]).many(tiny_model, plans, codes)
+            start = 0
+            for p, c, extra in zip(plans, codes, extras):
+                alone, want = type(p).many(tiny_model, [p], [c])
+                assert extra == want[0]
+                part = together.index(slice(start, start + p.rows))
+                for got, exp in zip((*part.codes, *part.source, *part[2:]), (*alone.codes, *alone.source, *alone[2:])):
+                    torch.testing.assert_close(got, exp)
+                start += p.rows
+            assert start == len(together.codes.common)
+
+
+@dataclass(frozen=True)
+class ToB:
+    """A test plan: each job's content given its guide's code b; it checks that each image came with only the codes
+    its parts asked for, and fails the whole call when one of its jobs is `bad`."""
+
+    rows: int = 1
+    bad: bool = False
+
+    @classmethod
+    def many(cls, model, plans, codes):
+        if any(p.bad for p in plans):
+            raise ValueError("bad plan")
+        for c, g in codes:
+            assert c.sep_a is None and c.sep_b is None and g.common is None and g.sep_a is None
+        content, guide = Codes.cat([c for c, _ in codes]), Codes.cat([g for _, g in codes])
+        return model.transfer_edit(content, guide, torch.ones(len(plans), dtype=torch.long)), ["ok"] * len(plans)
+
+
 def test_scored_render_jobs_measure_every_image_s_reconstruction_error(tiny_model):
     """score=True: each job gets the reconstruction error of each of its images (content and guide), the same as
     models.calibration computes alone, from one extra decode call for the whole batch; unscored jobs get None."""
@@ -247,16 +292,13 @@ def test_scored_render_jobs_measure_every_image_s_reconstruction_error(tiny_mode
     xs = [torch.rand(2, 3, 64, 64) * 2 - 1 for _ in range(3)]
     parts = tiny_model.transfer_parts(1)
 
-    def plan(codes):
-        c, g = codes
-        return tiny_model.transfer_edit(c, g, torch.tensor([1])), None
-
     async def go():
         metrics = Metrics()
         b = Batcher("m", tiny_model, max_batch=32, max_wait_ms=50, queue_size=16, metrics=metrics)
         b.start()
         try:
-            return await asyncio.gather(*(b.render(x, plan, parts, score=i < 2) for i, x in enumerate(xs))), metrics
+            return await asyncio.gather(*(b.render(x, TransferPlan(1, 1, 1.0, False), parts, score=i < 2)
+                                          for i, x in enumerate(xs))), metrics
         finally:
             await b.stop()
 

@@ -14,6 +14,7 @@ from PIL import Image
 import models
 from app import imaging
 from app.batcher import Batcher
+from app.routes.edit import RemovePlan, TransferPlan
 
 from .conftest import draw_face, encode_image
 from .test_service import assert_problem, same_image
@@ -209,11 +210,9 @@ def test_render_jobs_batched_equal_alone(mask_weights):
     images = [torch.rand(2, 3, 64, 64) * 2 - 1 for _ in range(6)]
 
     def plan_for(i: int):
-        def plan(codes):
-            if i % 2:
-                return model.remove_edit(codes[0], "both" if i % 3 else "a", threshold=0.1 * i, soft=i == 3), None
-            return model.transfer_edit(codes[0], codes[1], torch.tensor([i % 4 // 2]), keep=i == 4), None
-        return plan
+        if i % 2:
+            return RemovePlan(1, 2 if i % 3 else 0, threshold=0.1 * i, soft=i == 3)
+        return TransferPlan(1, i % 4 // 2, 1.0, keep=i == 4)
 
     def parts_for(i: int):  # what each edit reads, so the jobs share encoder calls over different images
         return (model.remove_parts("both" if i % 3 else "a"), model.remove_parts(None)) if i % 2 else model.transfer_parts(i % 4 // 2, i == 4)
@@ -229,7 +228,8 @@ def test_render_jobs_batched_equal_alone(mask_weights):
     results = asyncio.run(go())
     with torch.inference_mode():
         for i, (x, (image, mask, _, _)) in enumerate(zip(images, results)):
-            edit, _ = plan_for(i)([model.encode(x[j : j + 1]) for j in range(2)])
+            plan = plan_for(i)
+            edit, _ = type(plan).many(model, [plan], [[model.encode(x[j : j + 1]) for j in range(2)]])
             want_image, want_mask = model.render(x[:1], edit)
             assert image.shape == (1, 3, 64, 64) and mask.shape == (1, 1, 64, 64)
             torch.testing.assert_close(image, want_image, atol=1e-5, rtol=1e-5)

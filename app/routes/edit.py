@@ -3,8 +3,9 @@ models) segment an attribute.
 
 Each is one `render` job of the batcher: encode (one batched call per encoder for the images of many requests,
 each image encoded only into the codes its edit reads: the core's `transfer_parts`, `intersect_parts`,
-`remove_parts`) -> the core's Edit of each request's codes (`transfer_edit`, `intersect_edit`, `remove_edit`) -> the
-core's `render` (one batched call). A plain model decodes the recombined codes; a mask model pastes the new attribute through its mask
+`remove_parts`) -> the core's Edit of the requests' codes (`transfer_edit`, `intersect_edit`, `remove_edit`, one call
+for all the requests of a batch that make the same kind of edit: `TransferPlan`, `IntersectPlan`, `RemovePlan`) ->
+the core's `render` (one batched call). A plain model decodes the recombined codes; a mask model pastes the new attribute through its mask
 onto the uploaded image itself, and answers the masks that /segment and `include_mask` return.
 
 Around that, each request places its uploads in the model's square (`placing`): fitted (`fit=`), or for a model
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from fastapi import APIRouter
@@ -64,12 +65,103 @@ def _which(registry: Registry, entry: LoadedModel, attribute: str) -> int | None
     return None if key == "auto" else 2 if key == "both" else _domain(registry, entry, attribute, "attribute")
 
 
-def _chosen(model: Disentangler, codes: Codes, which: int | None) -> torch.Tensor:
-    """(N,) the domain (or 2: both) an edit of each image works on: `which`, or when None the domain its codes show."""
-    if which is None:
-        return model.detect(codes)
+# --- the plans of the edits (app.batcher.Plan): each kind planned in one call for all its requests of a batch -------
+
+
+def _chosen(model: Disentangler, codes: Codes, which: list[int | None]) -> torch.Tensor:
+    """(N,) the domain (or 2: both) each image's edit works on: which[i], or where None the domain its codes show."""
     like = next(t for t in codes if t is not None)
-    return torch.full((like.shape[0],), which, device=like.device)
+    chosen = torch.tensor([-1 if w is None else w for w in which], device=like.device)
+    return chosen if all(w is not None for w in which) else torch.where(chosen < 0, model.detect(codes), chosen)
+
+
+def _rows_of(rows: list[int], like: torch.Tensor) -> torch.Tensor | None:
+    """The job of each edited row, for repeating one value per job over its rows (None: one row each)."""
+    if all(r == 1 for r in rows):
+        return None
+    return torch.arange(len(rows), device=like.device).repeat_interleave(torch.tensor(rows, device=like.device))
+
+
+def _per_row(values: list, jobs: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One value per job as a tensor, one entry per edited row (`_rows_of`)."""
+    t = torch.tensor(values, device=like.device, dtype=dtype)
+    return t if jobs is None else t[jobs]
+
+
+def _edited(plans: Sequence[Any], codes: Sequence[list[Codes]]) -> Codes:
+    """The codes of every job's edited images (its first plan.rows), in order."""
+    return Codes.cat([c for p, cs in zip(plans, codes) for c in cs[:p.rows]])
+
+
+def _guides(plans: Sequence[Any], codes: Sequence[list[Codes]], jobs: torch.Tensor | None, offset: int = 0) -> Codes:
+    """Each job's guide (its image plan.rows + offset), once per edited row (`_rows_of`)."""
+    guides = Codes.cat([cs[p.rows + offset] for p, cs in zip(plans, codes)])
+    return guides if jobs is None else guides.index(jobs)
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """The content's rows (faces) with the guide's attribute: G(E_c(content), s E_sA(guide), 0) or with E_sB. The
+    guide image follows the content's rows. Extra: the detected domain (None when `wanted` names it)."""
+
+    rows: int
+    wanted: int | None  # the target domain, or None: the guide's, detected from its separate codes
+    strength: float
+    keep: bool
+
+    @classmethod
+    def many(cls, model: Disentangler, plans: Sequence[TransferPlan], codes: Sequence[list[Codes]]) -> tuple[Edit, list[Any]]:
+        content, guides = _edited(plans, codes), _guides(plans, codes, None)
+        to = _chosen(model, guides, [p.wanted for p in plans])
+        like = content.common
+        jobs = _rows_of([p.rows for p in plans], like)
+        edit = model.transfer_edit(content, guides if jobs is None else guides.index(jobs), to if jobs is None else to[jobs],
+                                   _per_row([p.strength for p in plans], jobs, like, like.dtype),
+                                   _per_row([p.keep for p in plans], jobs, like))
+        return edit, [None if p.wanted is not None else d for p, d in zip(plans, to.tolist())]
+
+
+@dataclass(frozen=True)
+class IntersectPlan:
+    """G(E_c(content), s E_sA(guide_a), s E_sB(guide_b)) of the content's rows; guide_a and guide_b follow them."""
+
+    rows: int
+    strength: float
+
+    @classmethod
+    def many(cls, model: Disentangler, plans: Sequence[IntersectPlan], codes: Sequence[list[Codes]]) -> tuple[Edit, list[Any]]:
+        content = _edited(plans, codes)
+        jobs = _rows_of([p.rows for p in plans], content.common)
+        strength = _per_row([p.strength for p in plans], jobs, content.common, content.common.dtype)
+        return (model.intersect_edit(content, _guides(plans, codes, jobs), _guides(plans, codes, jobs, 1), strength),
+                [None] * len(plans))
+
+
+@dataclass(frozen=True)
+class RemovePlan:
+    """The removal of attribute `which` (0: a, 1: b, 2: both; None: the domain each row shows) from every row; a
+    mask model's removal at `threshold` (or `soft`), whose mask is also the attribute's segmentation. Extra: the
+    domain (or 2) each row worked on."""
+
+    rows: int
+    which: int | None
+    threshold: float = REMOVAL_THRESHOLD
+    soft: bool = False
+
+    @classmethod
+    def many(cls, model: Disentangler, plans: Sequence[RemovePlan], codes: Sequence[list[Codes]]) -> tuple[Edit, list[Any]]:
+        rows = _edited(plans, codes)
+        per = [p.rows for p in plans]
+        dropped = _chosen(model, rows, [w for p in plans for w in [p.which] * p.rows])
+        like = rows.common
+        jobs = _rows_of(per, like)
+        edit = model.remove_edit(rows, dropped, _per_row([p.threshold for p in plans], jobs, like, like.dtype),
+                                 _per_row([p.soft for p in plans], jobs, like))
+        flat, out, i = dropped.tolist(), [], 0
+        for n in per:
+            out.append(flat[i:i + n])
+            i += n
+        return edit, out
 
 
 @dataclass(frozen=True)
@@ -194,17 +286,9 @@ async def transfer(form: TransferBody, settings: SettingsDep, registry: Registry
     cfg, model = entry.config, entry.model
     x, placed = await load(entry, how, uploads, form, settings)
     k = placed[0].rows  # the content's rows (faces); one row per guide
-    strength, keep = form.strength, form.keep
-    one = model.intersect_parts() if intersection else model.transfer_parts(wanted, keep)
+    one = model.intersect_parts() if intersection else model.transfer_parts(wanted, form.keep)
     parts = (one[0],) * k + one[1:]
-
-    def plan(codes: list[Codes]) -> tuple[Edit, int | None]:  # runs in the model's thread, on its device
-        content, guides = Codes.cat(codes[:k]), [Codes.cat([g] * k) for g in codes[k:]]
-        if intersection:  # G(E_c(c), s E_sA(guide_a), s E_sB(guide_b))
-            return model.intersect_edit(content, *guides, strength), None
-        to = _chosen(model, codes[k], wanted)
-        return model.transfer_edit(content, guides[0], to.expand(k), strength, keep), None if wanted is not None else int(to[0])
-
+    plan = IntersectPlan(k, form.strength) if intersection else TransferPlan(k, wanted, form.strength, form.keep)
     image, mask, detected, errors = await entry.batcher.render(x, plan, parts, score=scoring(entry, form, settings))
     if intersection:
         meta = {"target_domain": f"{cfg.domain_a}+{cfg.domain_b}"}
@@ -245,13 +329,8 @@ async def remove_attribute(form: RemoveBody, settings: SettingsDep, registry: Re
     model = entry.model
     x, placed = await load(entry, how, [("image", form.image)], form, settings)
     k = placed[0].rows
-
-    def plan(codes: list[Codes]) -> tuple[Edit, list[int]]:  # runs in the model's thread, on its device
-        rows = Codes.cat(codes)
-        dropped = _chosen(model, rows, which)
-        return model.remove_edit(rows, dropped, threshold, soft), dropped.tolist()
-
-    result, mask, dropped, errors = await entry.batcher.render(x, plan, (model.remove_parts(which),) * k,
+    result, mask, dropped, errors = await entry.batcher.render(x, RemovePlan(k, which, threshold, soft),
+                                                               (model.remove_parts(which),) * k,
                                                                score=scoring(entry, form, settings))
     meta = {"detected_domain": _named(entry, dropped)} if which is None else {}
     meta["removed"] = _named(entry, dropped)
@@ -284,13 +363,8 @@ async def segment(form: SegmentBody, settings: SettingsDep, registry: RegistryDe
     model = entry.model
     x, placed = await load(entry, how, [("image", form.image)], form, settings)
     k = placed[0].rows
-
-    def plan(codes: list[Codes]) -> tuple[Edit, list[int]]:  # the mask of a removal is the attribute's mask
-        rows = Codes.cat(codes)
-        segmented = _chosen(model, rows, which)
-        return model.remove_edit(rows, segmented), segmented.tolist()
-
-    _, masks, segmented, errors = await entry.batcher.render(x, plan, (model.remove_parts(which),) * k,
+    # the mask of a removal is the attribute's mask
+    _, masks, segmented, errors = await entry.batcher.render(x, RemovePlan(k, which), (model.remove_parts(which),) * k,
                                                              score=scoring(entry, form, settings))
     assert masks is not None  # a mask model
     meta = {"detected_domain": _named(entry, segmented)} if which is None else {}
