@@ -179,18 +179,26 @@ class Batcher:
         if bounds is None:
             return await job.future
         gone = asyncio.ensure_future(bounds.disconnected())
+
+        def stop(reason: str) -> None:  # the request stops waiting; the batcher drops its job unless already computing
+            if not job.future.done():
+                job.dropped = reason
+                job.future.cancel()
+
+        gone.add_done_callback(lambda task: None if task.cancelled() else stop("disconnected"))
+        timer = None if bounds.deadline == float("inf") else loop.call_at(bounds.deadline, stop, "deadline")
         try:
-            timeout = None if bounds.deadline == float("inf") else max(0.0, bounds.deadline - loop.time())
-            await asyncio.wait((job.future, gone), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            return await job.future
+        except asyncio.CancelledError:
+            if job.dropped == "disconnected":
+                raise ClientGone("the client closed the connection before its answer was ready") from None
+            if job.dropped == "deadline":
+                raise DeadlineExceeded("the request ran out of time waiting for the model (DID_REQUEST_TIMEOUT_S)") from None
+            raise
         finally:
             gone.cancel()
-        if job.future.done():
-            return job.future.result()
-        job.dropped = "disconnected" if gone.done() and not gone.cancelled() else "deadline"
-        job.future.cancel()  # the batcher drops it, unless its batch is already computing
-        if job.dropped == "disconnected":
-            raise ClientGone("the client closed the connection before its answer was ready")
-        raise DeadlineExceeded("the request ran out of time waiting for the model (DID_REQUEST_TIMEOUT_S)")
+            if timer is not None:
+                timer.cancel()
 
     def _count_drop(self, reason: str) -> None:
         if self.metrics:
