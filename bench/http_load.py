@@ -8,10 +8,11 @@ model call, PNG out).
 Starts real uvicorn processes on loopback: `did serve` with the batcher on (DID_MAX_BATCH=32, DID_MAX_WAIT_MS=5;
 batched-cl adds DID_CHANNELS_LAST=true; batched-bf16 adds DID_DTYPE=bfloat16 and DID_CHANNELS_LAST=true where bf16
 is native; batched-2w runs two uvicorn worker processes in channels_last, each with its own batcher and its share of
-torch's threads; batched-2w-nocheck is batched-2w with the out-of-domain check off, DID_DOMAIN_CHECK=false),
+torch's threads; batched-2w-nocheck is batched-2w with the out-of-domain check off, DID_DOMAIN_CHECK=false;
+batched-8w-bf16, for a GPU host and only when named, eight worker processes computing in bf16),
 `did serve` naive (DID_MAX_BATCH=1, DID_MAX_WAIT_MS=0: one model call per request), the wrapper, and the floor
 (`bench/http_floor.py`: the service's form model, errors and middlewares, no image or model work: what the web layer
-alone costs), each with one worker (but batched-2w*) on the same checkpoint and device, and at each concurrency drives one right after the other with a closed loop of
+alone costs), each with one worker (but batched-2w* and batched-8w-bf16) on the same checkpoint and device, and at each concurrency drives one right after the other with a closed loop of
 `concurrency` asyncio clients, each level bounded by --requests and --seconds. The clients are minimal keep-alive
 HTTP/1.1 connections by default; `--client httpx` uses httpx.AsyncClient, which costs about 4 ms of CPU per
 request on this class of machine (as much as the service's own work outside the model, taken from the same two
@@ -48,6 +49,8 @@ CONFIGS = {  # the did serve settings of each configuration (DID_WORKERS becomes
     "batched-bf16": {**BATCHED, "DID_DTYPE": "bfloat16", "DID_CHANNELS_LAST": "true"},
     "batched-2w": {**BATCHED, "DID_WORKERS": "2", "DID_CHANNELS_LAST": "true"},
     "batched-2w-nocheck": {**BATCHED, "DID_WORKERS": "2", "DID_CHANNELS_LAST": "true", "DID_DOMAIN_CHECK": "false"},
+    # a GPU host's layout: eight processes decode, encode and batch for one GPU (bf16); asked for by name only
+    "batched-8w-bf16": {**BATCHED, "DID_WORKERS": "8", "DID_DTYPE": "bfloat16"},
     "naive": {"DID_MAX_BATCH": "1", "DID_MAX_WAIT_MS": "0"},
     "wrapper": {},  # bench/naive_wrapper.py, not did serve
     "floor": {},  # bench/http_floor.py: the service's web layer alone, no image or model work
@@ -130,14 +133,15 @@ def multipart(files: dict[str, bytes], fields: dict[str, str] = FORM) -> tuple[b
 
 
 def default_configs(device: str) -> list[str]:
-    """Every configuration; batched-bf16 only where bf16 is native (CUDA, or a CPU with AVX512-BF16 or AMX)."""
+    """Every configuration but batched-8w-bf16 (a GPU host's, given by name); batched-bf16 only where bf16 is native
+    (CUDA, or a CPU with AVX512-BF16 or AMX)."""
     import torch
 
     from models import resolve_device
     from models.checkpoint import compute_dtype
 
     bf16 = compute_dtype(resolve_device(device), "bfloat16")[0] == torch.bfloat16
-    return [name for name in CONFIGS if bf16 or name != "batched-bf16"]
+    return [name for name in CONFIGS if (bf16 or name != "batched-bf16") and name != "batched-8w-bf16"]
 
 
 def tree_cpu_seconds(root: int) -> float:
@@ -331,7 +335,7 @@ def main() -> None:
                          f"{r['server_cpu_ms']:.2f}", f"{r['client_cpu_ms']:.2f}", *ratios])
     threads = os.environ.get("DID_TORCH_THREADS", "0 (the default: torch's own count, one per physical core)")
     body_md = (
-        f"POST /transfer (content + guide PNG, {len(body) // 1024} KiB multipart, {', '.join(f'{k}={v}' for k, v in FORM.items())}), answered as PNG; one uvicorn worker but for batched-2w*, "
+        f"POST /transfer (content + guide PNG, {len(body) // 1024} KiB multipart, {', '.join(f'{k}={v}' for k, v in FORM.items())}), answered as PNG; one uvicorn worker but for batched-2w* and batched-8w-bf16, "
         f"device {args.device}, fp32 unless named; closed loop over loopback from the same machine ({args.client} client); at most {args.requests} requests or "
         f"{args.seconds:g} s per level. Model: {origin}.\n"
         + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in env.items())}" for name in args.configs if (env := CONFIGS[name]))
