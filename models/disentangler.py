@@ -148,7 +148,7 @@ class Disentangler(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.enc_common = Encoder(config, config.common_channels, config.common_map)
+        self.enc_common = Encoder(config, config.common_channels, config.common_map, config.common_input)
         self.enc_a = Encoder(config, config.sep_channels)
         self.enc_b = Encoder(config, config.sep_channels)
         self.decoder = Decoder(config)

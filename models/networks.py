@@ -47,8 +47,9 @@ class Encoder(nn.Module):
     larger map_side keeps the layer count and widths: the layers past that side are 3x3 stride-1 convolutions.
     """
 
-    def __init__(self, config: ModelConfig, out_channels: int, map_side: int = 2):
+    def __init__(self, config: ModelConfig, out_channels: int, map_side: int = 2, reads: str = "image"):
         super().__init__()
+        self.reads = reads  # "contrast": the image's contrast map (`contrast`), the common encoder of the digit pairs
         widths = (3, *config.hidden_widths)
         strides = _strides(config.num_layers, config.halvings(map_side))
         self.image_size = config.image_size
@@ -59,7 +60,30 @@ class Encoder(nn.Module):
         self.head = spectral_norm(head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        return self.head(self.body(contrast(x) if self.reads == "contrast" else x))
+
+
+CONTRAST_TOP = 0.98  # the contrast map's 1 is the distance that this share of an image's pixels stay under
+
+
+def contrast(x: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] -> their contrast maps (N, 3, H, W) in [-1, 1], one map in all three channels:
+    each pixel's distance in colour from the image's median colour, over the distance that CONTRAST_TOP of its pixels
+    stay under (1 above it).
+
+    A view with neither colour nor polarity: a dark stroke on a light ground and a light one on a dark ground, red
+    on green or white on black, give the same map. Where two domains differ in exactly those (handwritten digits and
+    street numbers), a common encoder that reads this map sees the shapes the domains share, which the latent
+    adversary alone did not align (docs/research.md, "Domain adaptation on digits")."""
+    n, c, h, w = x.shape
+    flat = x.float().flatten(2)  # (N, 3, H W)
+    k = h * w
+    median = flat.kthvalue((k + 1) // 2, dim=2, keepdim=True).values  # (N, 3, 1): the ground's colour
+    dist = (flat - median).square().sum(1).sqrt()  # (N, H W)
+    top = dist.kthvalue(max(1, round(CONTRAST_TOP * k)), dim=1, keepdim=True).values.clamp_min(1e-3)
+    out = (dist / top).clamp(max=1) * 2 - 1
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return out.view(n, 1, h, w).expand(n, c, h, w).to(x.dtype).contiguous(memory_format=layout)
 
 
 class Decoder(nn.Module):

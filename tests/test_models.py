@@ -6,7 +6,7 @@ from torch.nn.utils import parametrize
 
 from models import Codes, Disentangler, ModelConfig, preset
 from models.networks import (ChannelsLastInstanceNorm, DenseConv, LatentDiscriminator, UnfoldedConv, bake_spectral_norm,
-                             inference_ready)
+                             contrast, inference_ready)
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +284,44 @@ def test_a_larger_common_map_keeps_the_layout(side: int) -> None:
 def test_rejects_bad_common_maps(bad: int) -> None:
     with pytest.raises(ValueError, match="common_map"):
         ModelConfig(image_size=32, common_map=bad)
+
+
+def test_the_contrast_map_has_neither_colour_nor_polarity() -> None:
+    """contrast(): a stroke's distance in colour from the image's ground, scaled to the image's own contrast: the
+    same map for a light stroke on a dark ground, the dark stroke on a light ground, and any two colours; in [-1, 1],
+    in every channel, in the input's dtype and layout."""
+    stroke = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+    stroke[..., 8:24, 14:18] = True  # a "1", an eighth of the pixels
+    def paint(fg: tuple[float, float, float], bg: tuple[float, float, float]) -> torch.Tensor:
+        return torch.where(stroke, torch.tensor(fg).view(1, 3, 1, 1), torch.tensor(bg).view(1, 3, 1, 1))
+
+    white_on_black = contrast(paint((1.0, 1.0, 1.0), (-1.0, -1.0, -1.0)))
+    assert white_on_black.shape == (1, 3, 32, 32) and white_on_black.min() == -1 and white_on_black.max() == 1
+    assert torch.equal(white_on_black[:, 0][stroke[:, 0]], torch.ones(int(stroke.sum())))  # the stroke at 1, the ground at -1
+    for fg, bg in (((-1.0, -1.0, -1.0), (1.0, 1.0, 1.0)), ((0.8, -0.6, -0.6), (-0.5, 0.4, -0.2)), ((0.1, 0.1, 0.9), (0.0, 0.0, 0.1))):
+        torch.testing.assert_close(contrast(paint(fg, bg)), white_on_black)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(contrast(x)[:, 0], contrast(x)[:, 2])
+    assert contrast(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    assert contrast(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_common_input_contrast_feeds_the_common_encoder_alone() -> None:
+    """common_input='contrast': E_c reads contrast(x), the separate encoders the image; the card keeps the setting,
+    and an unknown reading is refused."""
+    torch.manual_seed(4)
+    cfg = preset("tiny", image_size=32, common_map=8, common_input="contrast")
+    model = Disentangler(cfg).eval()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        codes = model.encode(x)
+        assert torch.allclose(codes.common, model.enc_common.head(model.enc_common.body(contrast(x))))
+        assert torch.allclose(codes.sep_a, model.enc_a.head(model.enc_a.body(x)))
+        # a colour change the contrast map does not see leaves the common code, not the separate codes
+        swapped = x[:, [2, 0, 1]]
+        assert torch.allclose(model.encode(swapped, ("common",)).common, codes.common, atol=1e-5)
+        assert not torch.allclose(model.encode(swapped, ("a",)).sep_a, codes.sep_a, atol=1e-3)
+    assert ModelConfig.from_dict(cfg.to_dict()).common_input == "contrast"
+    assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "common_input"}).common_input == "image"
+    with pytest.raises(ValueError, match="common_input"):
+        ModelConfig(image_size=32, common_input="grey")

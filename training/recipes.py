@@ -119,6 +119,7 @@ class Recipe:
     sep_channels: int | None = None
     code_channels: int | None = None
     common_map: int | None = None
+    common_input: str | None = None  # models.config.COMMON_INPUTS
     seed: int = 0
     betas: tuple[float, float] = (0.5, 0.999)
     clip: float = 5.0  # gradient-norm clip of both nets
@@ -134,12 +135,14 @@ class Recipe:
     def variant(self) -> str:
         return self.stages[-1].variant
 
-    def sizes(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in ("base_width", "sep_channels", "code_channels", "common_map") if getattr(self, k) is not None}
+    def model_overrides(self) -> dict[str, int | str]:
+        """The model config fields the recipe sets over its width preset."""
+        return {k: getattr(self, k) for k in ("base_width", "sep_channels", "code_channels", "common_map", "common_input")
+                if getattr(self, k) is not None}
 
     def model_config(self, stage: Stage, domains: tuple[str, str]) -> ModelConfig:
         return preset(self.width, image_size=self.data.image_size, domain_a=domains[0], domain_b=domains[1],
-                      variant=stage.variant, **self.sizes())
+                      variant=stage.variant, **self.model_overrides())
 
     def plan(self) -> dict[str, Any]:
         """Everything that decides the weights, as JSON: a run directory holds one plan, and continues only it."""
@@ -239,7 +242,7 @@ def _checked(recipe: Recipe, where: str) -> Recipe:
         raise ValueError(f"{where}: save_dtype must be one of {sorted(checkpoint.DTYPES)}, not {recipe.save_dtype!r}")
     if len(recipe.betas) != 2:
         raise ValueError(f"{where}: betas must be two numbers")
-    ModelConfig.from_dict({**PRESETS[recipe.width], **recipe.sizes(), "image_size": recipe.data.image_size})
+    ModelConfig.from_dict({**PRESETS[recipe.width], **recipe.model_overrides(), "image_size": recipe.data.image_size})
     return recipe
 
 
