@@ -206,13 +206,14 @@ def test_model_selection(make_service, two_model_weights):
     assert other.get("/models").json()["default"] == "smile_glasses"
 
 
-@pytest.mark.parametrize("common_map", [2, 8])
-def test_transfer_on_a_32_px_digits_model(make_service, tmp_path, common_map):
-    """A digits model (32 px, one encoder layer fewer than 64; its common code a 2x2 or an 8x8 map) loads, warms
-    up and answers like the core, at its own resolution and at the upload's size; its latents travel at their
-    own shapes through /encode and /decode."""
+@pytest.mark.parametrize("common_map,common_input", [(2, "image"), (8, "image"), (8, "contrast")])
+def test_transfer_on_a_32_px_digits_model(make_service, tmp_path, common_map, common_input):
+    """A digits model (32 px, one encoder layer fewer than 64; its common code a 2x2 or an 8x8 map, read from the
+    image or, as the digit recipe's, from its contrast map) loads, warms up and answers like the core, at its own
+    resolution and at the upload's size; its latents travel at their own shapes through /encode and /decode."""
     torch.manual_seed(3)
-    cfg = models.preset("tiny", image_size=32, domain_a="mnist", domain_b="syndigits", common_map=common_map)
+    cfg = models.preset("tiny", image_size=32, domain_a="mnist", domain_b="syndigits", common_map=common_map,
+                        common_input=common_input)
     models.save(models.Disentangler(cfg), tmp_path / "mnist_syndigits")
     client = make_service(weights=tmp_path)
     assert client.get("/models").json()["models"][0]["image_size"] == 32
