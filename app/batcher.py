@@ -286,10 +286,11 @@ class Batcher:
                         results[id(job)] = Codes.cat([Codes(*(t.float().cpu() for t in c)) for c in codes])
                         continue
                     planned.setdefault((type(job.payload[1]), job.payload[2]), []).append((job, codes))
-                    if job.payload[3]:
-                        to_score.append((job, codes))
                 for group in planned.values():
                     to_render.extend(self._plan(group, results))
+                # a job whose plan failed is answered with its error, not scored
+                to_score = [(job, codes) for group in planned.values() for job, codes in group
+                            if job.payload[3] and not isinstance(results[id(job)], BaseException)]
             errors = dict(zip((id(j) for j, _ in to_score), self._timed("score", to_score, self._score))) if to_score else {}
             if to_decode:
                 for (job, _), image in zip(to_decode, self._timed("decode", to_decode, self._decode)):

@@ -50,9 +50,11 @@ def model_cells(model: models.Disentangler, size: int, batch: int) -> tuple[dict
     the route submits them (its `TransferPlan`), with and without the out-of-domain check (`score`); and the function that stops it."""
     loop = asyncio.new_event_loop()
     batcher = Batcher("bench", model, max_batch=2 * batch, max_wait_ms=5.0, queue_size=4 * batch)
-    loop.run_until_complete(asyncio.sleep(0))
-    loop.call_soon(batcher.start)
-    loop.run_until_complete(asyncio.sleep(0))
+
+    async def start() -> None:  # the batcher's worker task needs the running loop
+        batcher.start()
+
+    loop.run_until_complete(start())
     g = torch.Generator().manual_seed(0)
     pairs = [torch.rand(2, 3, size, size, generator=g) * 2 - 1 for _ in range(batch)]
     parts = model.transfer_parts(None, False)

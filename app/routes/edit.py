@@ -82,10 +82,16 @@ def _rows_of(rows: list[int], like: torch.Tensor) -> torch.Tensor | None:
     return torch.arange(len(rows), device=like.device).repeat_interleave(torch.tensor(rows, device=like.device))
 
 
+def _by_row(x: Any, jobs: torch.Tensor | None) -> Any:
+    """A value per job (a tensor or Codes, one row each) repeated over each job's edited rows (`_rows_of`)."""
+    if jobs is None:
+        return x
+    return x.index(jobs) if isinstance(x, Codes) else x[jobs]
+
+
 def _per_row(values: list, jobs: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """One value per job as a tensor, one entry per edited row (`_rows_of`)."""
-    t = torch.tensor(values, device=like.device, dtype=dtype)
-    return t if jobs is None else t[jobs]
+    return _by_row(torch.tensor(values, device=like.device, dtype=dtype), jobs)
 
 
 def _edited(plans: Sequence[Any], codes: Sequence[list[Codes]]) -> Codes:
@@ -93,10 +99,9 @@ def _edited(plans: Sequence[Any], codes: Sequence[list[Codes]]) -> Codes:
     return Codes.cat([c for p, cs in zip(plans, codes) for c in cs[:p.rows]])
 
 
-def _guides(plans: Sequence[Any], codes: Sequence[list[Codes]], jobs: torch.Tensor | None, offset: int = 0) -> Codes:
-    """Each job's guide (its image plan.rows + offset), once per edited row (`_rows_of`)."""
-    guides = Codes.cat([cs[p.rows + offset] for p, cs in zip(plans, codes)])
-    return guides if jobs is None else guides.index(jobs)
+def _guides(plans: Sequence[Any], codes: Sequence[list[Codes]], offset: int = 0) -> Codes:
+    """Each job's guide, its image plan.rows + offset: one row per job."""
+    return Codes.cat([cs[p.rows + offset] for p, cs in zip(plans, codes)])
 
 
 @dataclass(frozen=True)
@@ -111,11 +116,11 @@ class TransferPlan:
 
     @classmethod
     def many(cls, model: Disentangler, plans: Sequence[TransferPlan], codes: Sequence[list[Codes]]) -> tuple[Edit, list[Any]]:
-        content, guides = _edited(plans, codes), _guides(plans, codes, None)
+        content, guides = _edited(plans, codes), _guides(plans, codes)
         to = _chosen(model, guides, [p.wanted for p in plans])
         like = content.common
         jobs = _rows_of([p.rows for p in plans], like)
-        edit = model.transfer_edit(content, guides if jobs is None else guides.index(jobs), to if jobs is None else to[jobs],
+        edit = model.transfer_edit(content, _by_row(guides, jobs), _by_row(to, jobs),
                                    _per_row([p.strength for p in plans], jobs, like, like.dtype),
                                    _per_row([p.keep for p in plans], jobs, like))
         return edit, [None if p.wanted is not None else d for p, d in zip(plans, to.tolist())]
@@ -133,8 +138,8 @@ class IntersectPlan:
         content = _edited(plans, codes)
         jobs = _rows_of([p.rows for p in plans], content.common)
         strength = _per_row([p.strength for p in plans], jobs, content.common, content.common.dtype)
-        return (model.intersect_edit(content, _guides(plans, codes, jobs), _guides(plans, codes, jobs, 1), strength),
-                [None] * len(plans))
+        guide_a, guide_b = (_by_row(_guides(plans, codes, offset), jobs) for offset in (0, 1))
+        return model.intersect_edit(content, guide_a, guide_b, strength), [None] * len(plans)
 
 
 @dataclass(frozen=True)
@@ -157,11 +162,7 @@ class RemovePlan:
         jobs = _rows_of(per, like)
         edit = model.remove_edit(rows, dropped, _per_row([p.threshold for p in plans], jobs, like, like.dtype),
                                  _per_row([p.soft for p in plans], jobs, like))
-        flat, out, i = dropped.tolist(), [], 0
-        for n in per:
-            out.append(flat[i:i + n])
-            i += n
-        return edit, out
+        return edit, [t.tolist() for t in dropped.split(per)]
 
 
 @dataclass(frozen=True)
