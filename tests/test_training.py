@@ -172,12 +172,23 @@ def test_a_run_directory_continues_only_its_own_plan(tiny_recipe: Path, tmp_path
     assert _train(tiny_recipe, out, "--stage-steps", "1") == 0  # the same command: already done, nothing to do
 
 
+def test_set_gives_a_model_field_the_recipe_leaves_unset_its_own_type() -> None:
+    """--set of a model size or setting the recipe file does not name: a whole number or a word, as ModelConfig
+    declares it, and the model the recipe builds has it."""
+    recipe, record = recipes.override(recipes.load("smile_glasses"), settings={"common_map": "4", "separate_norm": "layer"})
+    assert record["set"] == {"common_map": "4", "separate_norm": "layer"}
+    config = recipe.model_config(recipe.stages[0], ("a", "b"))
+    assert (config.common_map, config.separate_norm) == (4, "layer")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--weight", "recon=1"], "unknown loss term"),
     (["--weight", "zero"], "NAME=VALUE"),
     (["--weight", "zero=x"], "must be a number"),
     (["--set", "colour=red"], "unknown key"),
     (["--set", "lr=fast"], "not a valid value"),
+    (["--set", "common_map=big"], "not a valid value"),
+    (["--set", "separate_norm=batch"], "separate_norm must be one of"),
     (["--stage-steps", "0"], "at least 1"),
     (["--image-size", "100"], "power of two"),
     (["--data", "celeba"], "--root"),

@@ -120,6 +120,7 @@ class Recipe:
     code_channels: int | None = None
     common_map: int | None = None
     common_input: str | None = None  # models.config.COMMON_INPUTS
+    separate_norm: str | None = None  # models.config.SEPARATE_NORMS
     seed: int = 0
     betas: tuple[float, float] = (0.5, 0.999)
     clip: float = 5.0  # gradient-norm clip of both nets
@@ -137,7 +138,8 @@ class Recipe:
 
     def model_overrides(self) -> dict[str, int | str]:
         """The model config fields the recipe sets over its width preset."""
-        return {k: getattr(self, k) for k in ("base_width", "sep_channels", "code_channels", "common_map", "common_input")
+        return {k: getattr(self, k) for k in ("base_width", "sep_channels", "code_channels", "common_map", "common_input",
+                                         "separate_norm")
                 if getattr(self, k) is not None}
 
     def model_config(self, stage: Stage, domains: tuple[str, str]) -> ModelConfig:
@@ -276,8 +278,8 @@ def override(recipe: Recipe, *, weights: dict[str, float] | None = None, setting
         if key in STAGE_KEYS:
             stage_fields[key] = _coerce(key, value, getattr(recipe.stages[0], key))
         elif key in RECIPE_KEYS:
-            like = getattr(recipe, key)  # the preset's size overrides are None until set: whole numbers
-            recipe_fields[key] = _coerce(key, value, 0 if like is None else like)
+            like = getattr(recipe, key)  # a model field the recipe leaves unset (None) is of its ModelConfig type
+            recipe_fields[key] = _coerce(key, value, getattr(ModelConfig, key) if like is None else like)
         elif key in DATA_KEYS:
             data[key] = _coerce(key, value, getattr(recipe.data, key))
         else:
