@@ -10,8 +10,6 @@ Variant = Literal["plain", "mask"]
 VARIANTS: tuple[str, ...] = ("plain", "mask")  # mask: the ICLR 2020 variant, whose decoder also predicts a mask
 CommonInput = Literal["image", "contrast"]
 COMMON_INPUTS: tuple[str, ...] = ("image", "contrast")  # what the common encoder reads (networks.contrast)
-SeparateNorm = Literal["instance", "layer"]
-SEPARATE_NORMS: tuple[str, ...] = ("instance", "layer")  # how the separate encoders normalise (networks.Encoder)
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,6 @@ class ModelConfig:
     sep_channels: int = 25  # channels of each separate code
     common_map: int = 2  # side of the common code's map (the separate codes' map is 2x2)
     common_input: CommonInput = "image"  # the common encoder reads the image, or its contrast map (the digit pairs)
-    separate_norm: SeparateNorm = "instance"  # the separate encoders' norm: per channel (published) or per sample
     disc_hidden: int = 512  # hidden units of the latent discriminator MLP
     variant: Variant = "plain"
     domain_a: str = "a"
@@ -53,8 +50,6 @@ class ModelConfig:
             raise ValueError(f"common_map must be a power of two from 2 to image_size / 4 = {s // 4}, not {m}")
         if self.common_input not in COMMON_INPUTS:
             raise ValueError(f"common_input must be one of {COMMON_INPUTS}, not {self.common_input!r}")
-        if self.separate_norm not in SEPARATE_NORMS:
-            raise ValueError(f"separate_norm must be one of {SEPARATE_NORMS}, not {self.separate_norm!r}")
         if not self.domain_a or not self.domain_b or self.domain_a == self.domain_b:
             raise ValueError(f"domain names must be two different non-empty names, not {self.domain_a!r}/{self.domain_b!r}")
 

@@ -149,8 +149,8 @@ class Disentangler(nn.Module):
         super().__init__()
         self.config = config
         self.enc_common = Encoder(config, config.common_channels, config.common_map, config.common_input)
-        self.enc_a = Encoder(config, config.sep_channels, norm=config.separate_norm)
-        self.enc_b = Encoder(config, config.sep_channels, norm=config.separate_norm)
+        self.enc_a = Encoder(config, config.sep_channels)
+        self.enc_b = Encoder(config, config.sep_channels)
         self.decoder = Decoder(config)
 
     @property

@@ -11,16 +11,13 @@ from torch.nn.utils.parametrizations import spectral_norm
 from .config import ModelConfig
 
 
-def _down(c_in: int, c_out: int, norm: str | None, stride: int = 2) -> nn.Sequential:
-    """4x4 stride-2 convolution (spectral norm) -> norm -> LeakyReLU 0.2: halves the map. Stride 1 (a 3x3
-    convolution) keeps it: the layers of a common encoder past its map's size. `norm`: "instance" (per channel, as
-    published), "layer" (per sample over all channels: GroupNorm with one group) or None."""
+def _down(c_in: int, c_out: int, norm: bool, stride: int = 2) -> nn.Sequential:
+    """4x4 stride-2 convolution (spectral norm) -> instance norm -> LeakyReLU 0.2: halves the map. Stride 1 (a 3x3
+    convolution) keeps it: the layers of a common encoder past its map's size."""
     conv = nn.Conv2d(c_in, c_out, 4, 2, 1) if stride == 2 else nn.Conv2d(c_in, c_out, 3, 1, 1)
     layers: list[nn.Module] = [spectral_norm(conv)]
-    if norm == "instance":
+    if norm:
         layers.append(nn.InstanceNorm2d(c_out, affine=True))
-    elif norm == "layer":
-        layers.append(nn.GroupNorm(1, c_out))
     layers.append(nn.LeakyReLU(0.2, inplace=True))
     return nn.Sequential(*layers)
 
@@ -48,21 +45,15 @@ class Encoder(nn.Module):
     The same class is the common encoder E_c (out_channels = common) and both separate encoders E_sA, E_sB
     (out_channels = sep). 128 px: 3 -> 32 (64x64) -> 64 (32) -> 128 (16) -> 256 (8) -> 512 (4) -> out (2). A
     larger map_side keeps the layer count and widths: the layers past that side are 3x3 stride-1 convolutions.
-
-    `norm` "instance" normalises each channel of a sample over its map, as published, and so erases every channel's
-    mean: what is uniform over an image, such as the colour of a digit's ground and stroke, barely reaches the code.
-    "layer" normalises each sample over all its channels together (GroupNorm with one group) and keeps how the
-    channels' means differ, so a separate code can carry a colour (`ModelConfig.separate_norm`).
     """
 
-    def __init__(self, config: ModelConfig, out_channels: int, map_side: int = 2, reads: str = "image",
-                 norm: str = "instance"):
+    def __init__(self, config: ModelConfig, out_channels: int, map_side: int = 2, reads: str = "image"):
         super().__init__()
         self.reads = reads  # "contrast": the image's contrast map (`contrast`), the common encoder of the digit pairs
         widths = (3, *config.hidden_widths)
         strides = _strides(config.num_layers, config.halvings(map_side))
         self.image_size = config.image_size
-        self.body = nn.Sequential(*(_down(c_in, c_out, norm=norm if i > 0 else None, stride=st)
+        self.body = nn.Sequential(*(_down(c_in, c_out, norm=i > 0, stride=st)
                                     for i, (c_in, c_out, st) in enumerate(zip(widths, widths[1:], strides))))
         # The code layer: no norm or activation, so a separate code can be exactly zero (the zero loss) or any size.
         head = nn.Conv2d(widths[-1], out_channels, 4, 2, 1) if strides[-1] == 2 else nn.Conv2d(widths[-1], out_channels, 3, 1, 1)

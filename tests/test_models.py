@@ -1,6 +1,4 @@
 """Shapes, round trips and the edit formulas of the Disentangler at every supported size."""
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -327,28 +325,3 @@ def test_common_input_contrast_feeds_the_common_encoder_alone() -> None:
     assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "common_input"}).common_input == "image"
     with pytest.raises(ValueError, match="common_input"):
         ModelConfig(image_size=32, common_input="grey")
-
-
-def test_separate_norm_layer_normalises_the_separate_encoders_per_sample() -> None:
-    """separate_norm='layer': both separate encoders normalise each sample over all channels (GroupNorm, one group),
-    which keeps the channels' means (an image's colours) apart; the common encoder keeps its instance norms. The
-    card keeps the setting, older cards load as 'instance', an unknown norm is refused, and a served copy
-    (inference_ready, channels_last) computes the same codes."""
-    torch.manual_seed(5)
-    cfg = preset("tiny", image_size=32, common_map=8, common_input="contrast", separate_norm="layer")
-    model = Disentangler(cfg).eval()
-    norms = lambda enc: {type(m) for m in enc.modules() if isinstance(m, (nn.InstanceNorm2d, nn.GroupNorm))}
-    assert norms(model.enc_a) == norms(model.enc_b) == {nn.GroupNorm}
-    assert norms(model.enc_common) == {nn.InstanceNorm2d}
-    assert norms(Disentangler(preset("tiny", image_size=32)).enc_a) == {nn.InstanceNorm2d}
-    x = torch.rand(3, 3, 32, 32) * 2 - 1
-    with torch.no_grad():
-        codes = model.encode(x)
-        served = inference_ready(copy.deepcopy(model)).to(memory_format=torch.channels_last)
-        again = served.encode(x.contiguous(memory_format=torch.channels_last))
-    for mine, theirs in zip(codes, again):
-        torch.testing.assert_close(theirs, mine, atol=1e-4, rtol=1e-4)
-    assert ModelConfig.from_dict(cfg.to_dict()).separate_norm == "layer"
-    assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "separate_norm"}).separate_norm == "instance"
-    with pytest.raises(ValueError, match="separate_norm"):
-        ModelConfig(image_size=32, separate_norm="batch")

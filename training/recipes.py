@@ -120,7 +120,6 @@ class Recipe:
     code_channels: int | None = None
     common_map: int | None = None
     common_input: str | None = None  # models.config.COMMON_INPUTS
-    separate_norm: str | None = None  # models.config.SEPARATE_NORMS
     seed: int = 0
     betas: tuple[float, float] = (0.5, 0.999)
     clip: float = 5.0  # gradient-norm clip of both nets
@@ -138,8 +137,7 @@ class Recipe:
 
     def model_overrides(self) -> dict[str, int | str]:
         """The model config fields the recipe sets over its width preset."""
-        return {k: getattr(self, k) for k in ("base_width", "sep_channels", "code_channels", "common_map", "common_input",
-                                         "separate_norm")
+        return {k: getattr(self, k) for k in ("base_width", "sep_channels", "code_channels", "common_map", "common_input")
                 if getattr(self, k) is not None}
 
     def model_config(self, stage: Stage, domains: tuple[str, str]) -> ModelConfig:
