@@ -136,9 +136,8 @@ class Recipe:
         return self.stages[-1].variant
 
     def model_overrides(self) -> dict[str, int | str]:
-        """The model config fields the recipe sets over its width preset."""
-        return {k: getattr(self, k) for k in ("base_width", "sep_channels", "code_channels", "common_map", "common_input")
-                if getattr(self, k) is not None}
+        """The model config fields the recipe sets over its width preset (its fields named as ModelConfig's)."""
+        return {k: getattr(self, k) for k in MODEL_KEYS if getattr(self, k) is not None}
 
     def model_config(self, stage: Stage, domains: tuple[str, str]) -> ModelConfig:
         return preset(self.width, image_size=self.data.image_size, domain_a=domains[0], domain_b=domains[1],
@@ -157,6 +156,8 @@ STAGE_KEYS = tuple(f.name for f in dataclasses.fields(Stage) if f.name not in ("
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe)
                     if f.name not in ("name", "description", "data", "stages", "start", "files"))
 DATA_KEYS = tuple(f.name for f in dataclasses.fields(Data))
+# The Recipe fields that override a ModelConfig field of the same name (None: the width preset's value).
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name in {m.name for m in dataclasses.fields(ModelConfig)})
 
 
 def available() -> list[str]:
