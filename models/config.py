@@ -29,7 +29,9 @@ class ModelConfig:
     code_channels: int = 512  # common + sep_a + sep_b channels of the 2x2 code map
     sep_channels: int = 25  # channels of each separate code
     common_map: int = 2  # side of the common code's map (the separate codes' map is 2x2)
-    common_input: CommonInput = "image"  # the common encoder reads the image, or its contrast map (the digit pairs)
+    # the common encoder reads the image, or its contrast map (the digit pairs; the separate encoders then also read
+    # each image's ground and stroke colours, which the contrast map leaves out)
+    common_input: CommonInput = "image"
     disc_hidden: int = 512  # hidden units of the latent discriminator MLP
     variant: Variant = "plain"
     domain_a: str = "a"

@@ -149,8 +149,9 @@ class Disentangler(nn.Module):
         super().__init__()
         self.config = config
         self.enc_common = Encoder(config, config.common_channels, config.common_map, config.common_input)
-        self.enc_a = Encoder(config, config.sep_channels)
-        self.enc_b = Encoder(config, config.sep_channels)
+        separate = "image+colours" if config.common_input == "contrast" else "image"
+        self.enc_a = Encoder(config, config.sep_channels, reads=separate)
+        self.enc_b = Encoder(config, config.sep_channels, reads=separate)
         self.decoder = Decoder(config)
 
     @property

@@ -45,11 +45,15 @@ class Encoder(nn.Module):
     The same class is the common encoder E_c (out_channels = common) and both separate encoders E_sA, E_sB
     (out_channels = sep). 128 px: 3 -> 32 (64x64) -> 64 (32) -> 128 (16) -> 256 (8) -> 512 (4) -> out (2). A
     larger map_side keeps the layer count and widths: the layers past that side are 3x3 stride-1 convolutions.
+
+    `reads`: "image"; "contrast", the image's contrast map (`contrast`), for a common encoder that should see shapes
+    without colours; "image+colours", the image, with its ground and stroke colours (`colours`) added to the code
+    through a linear layer, for the separate encoders beside such a common encoder.
     """
 
     def __init__(self, config: ModelConfig, out_channels: int, map_side: int = 2, reads: str = "image"):
         super().__init__()
-        self.reads = reads  # "contrast": the image's contrast map (`contrast`), the common encoder of the digit pairs
+        self.reads = reads
         widths = (3, *config.hidden_widths)
         strides = _strides(config.num_layers, config.halvings(map_side))
         self.image_size = config.image_size
@@ -59,11 +63,39 @@ class Encoder(nn.Module):
         head = nn.Conv2d(widths[-1], out_channels, 4, 2, 1) if strides[-1] == 2 else nn.Conv2d(widths[-1], out_channels, 3, 1, 1)
         self.head = spectral_norm(head)
 
+        # The colours reach the code directly: the instance norms after the first layer subtract each channel's mean, so
+        # the body passes on little of an image's colours, and the common code of a contrast map none at all. Without
+        # this the digit model's SynDigits reconstructions and translations came out grey (docs/research.md).
+        self.colour = nn.Linear(6, out_channels) if reads == "image+colours" else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(contrast(x) if self.reads == "contrast" else x))
+        code = self.head(self.body(contrast(x) if self.reads == "contrast" else x))
+        if self.colour is None:
+            return code
+        return code + self.colour(colours(x).to(code.dtype))[:, :, None, None]
 
 
 CONTRAST_TOP = 0.98  # the contrast map's 1 is the distance that this share of an image's pixels stay under
+
+
+def _ground_and_map(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, 1) median colour of each image and (N, H W) its contrast map in [0, 1] (see `contrast`)."""
+    h, w = x.shape[-2:]
+    flat = x.float().flatten(2)  # (N, 3, H W)
+    k = h * w
+    median = flat.kthvalue((k + 1) // 2, dim=2, keepdim=True).values  # (N, 3, 1): the ground's colour
+    dist = (flat - median).square().sum(1).sqrt()  # (N, H W)
+    top = dist.kthvalue(max(1, round(CONTRAST_TOP * k)), dim=1, keepdim=True).values.clamp_min(1e-3)
+    return median, (dist / top).clamp(max=1)
+
+
+def colours(x: torch.Tensor) -> torch.Tensor:
+    """Images (N, 3, H, W) -> (N, 6) float32: the ground's colour (the median) and the strokes' colour (the mean
+    colour weighted by the contrast map), what a contrast map leaves out."""
+    median, weight = _ground_and_map(x)
+    flat = x.float().flatten(2)
+    stroke = (flat * weight[:, None]).sum(2) / weight.sum(1, keepdim=True).clamp_min(1e-3)
+    return torch.cat([median[:, :, 0], stroke], 1)
 
 
 def contrast(x: torch.Tensor) -> torch.Tensor:
@@ -76,12 +108,7 @@ def contrast(x: torch.Tensor) -> torch.Tensor:
     street numbers), a common encoder that reads this map sees the shapes the domains share, which the latent
     adversary alone did not align (docs/research.md, "Domain adaptation on digits")."""
     n, c, h, w = x.shape
-    flat = x.float().flatten(2)  # (N, 3, H W)
-    k = h * w
-    median = flat.kthvalue((k + 1) // 2, dim=2, keepdim=True).values  # (N, 3, 1): the ground's colour
-    dist = (flat - median).square().sum(1).sqrt()  # (N, H W)
-    top = dist.kthvalue(max(1, round(CONTRAST_TOP * k)), dim=1, keepdim=True).values.clamp_min(1e-3)
-    out = (dist / top).clamp(max=1) * 2 - 1
+    out = _ground_and_map(x)[1] * 2 - 1
     layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     return out.view(n, 1, h, w).expand(n, c, h, w).to(x.dtype).contiguous(memory_format=layout)
 

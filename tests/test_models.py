@@ -6,7 +6,7 @@ from torch.nn.utils import parametrize
 
 from models import Codes, Disentangler, ModelConfig, preset
 from models.networks import (ChannelsLastInstanceNorm, DenseConv, LatentDiscriminator, UnfoldedConv, bake_spectral_norm,
-                             contrast, inference_ready)
+                             colours, contrast, inference_ready)
 
 
 @pytest.fixture(scope="module")
@@ -300,15 +300,19 @@ def test_the_contrast_map_has_neither_colour_nor_polarity() -> None:
     assert torch.equal(white_on_black[:, 0][stroke[:, 0]], torch.ones(int(stroke.sum())))  # the stroke at 1, the ground at -1
     for fg, bg in (((-1.0, -1.0, -1.0), (1.0, 1.0, 1.0)), ((0.8, -0.6, -0.6), (-0.5, 0.4, -0.2)), ((0.1, 0.1, 0.9), (0.0, 0.0, 0.1))):
         torch.testing.assert_close(contrast(paint(fg, bg)), white_on_black)
+    # what the map leaves out, `colours` gives: the ground's colour and the stroke's, exactly for a two-colour image
+    for fg, bg in (((1.0, 1.0, 1.0), (-1.0, -1.0, -1.0)), ((0.8, -0.6, -0.6), (-0.5, 0.4, -0.2))):
+        torch.testing.assert_close(colours(paint(fg, bg)), torch.tensor([[*bg, *fg]]))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert colours(x).shape == (2, 6) and colours(x.to(torch.bfloat16)).dtype == torch.float32
     assert torch.equal(contrast(x)[:, 0], contrast(x)[:, 2])
     assert contrast(x.to(torch.bfloat16)).dtype == torch.bfloat16
     assert contrast(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_common_input_contrast_feeds_the_common_encoder_alone() -> None:
-    """common_input='contrast': E_c reads contrast(x), the separate encoders the image; the card keeps the setting,
-    and an unknown reading is refused."""
+    """common_input='contrast': E_c reads contrast(x), the separate encoders the image and its colours; the card
+    keeps the setting, and an unknown reading is refused. With common_input='image' no encoder reads colours apart."""
     torch.manual_seed(4)
     cfg = preset("tiny", image_size=32, common_map=8, common_input="contrast")
     model = Disentangler(cfg).eval()
@@ -316,12 +320,16 @@ def test_common_input_contrast_feeds_the_common_encoder_alone() -> None:
     with torch.no_grad():
         codes = model.encode(x)
         assert torch.allclose(codes.common, model.enc_common.head(model.enc_common.body(contrast(x))))
-        assert torch.allclose(codes.sep_a, model.enc_a.head(model.enc_a.body(x)))
+        # the separate encoders read the image and, through a linear layer, its ground and stroke colours
+        assert torch.allclose(codes.sep_a, model.enc_a.head(model.enc_a.body(x))
+                              + model.enc_a.colour(colours(x))[:, :, None, None], atol=1e-6)
         # a colour change the contrast map does not see leaves the common code, not the separate codes
         swapped = x[:, [2, 0, 1]]
         assert torch.allclose(model.encode(swapped, ("common",)).common, codes.common, atol=1e-5)
         assert not torch.allclose(model.encode(swapped, ("a",)).sep_a, codes.sep_a, atol=1e-3)
     assert ModelConfig.from_dict(cfg.to_dict()).common_input == "contrast"
+    plain = Disentangler(preset("tiny", image_size=32, common_map=8))
+    assert all(enc.colour is None for enc in (plain.enc_common, plain.enc_a, plain.enc_b)) and model.enc_common.colour is None
     assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "common_input"}).common_input == "image"
     with pytest.raises(ValueError, match="common_input"):
         ModelConfig(image_size=32, common_input="grey")
