@@ -84,7 +84,10 @@ def _ground_and_map(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = x.float().flatten(2)  # (N, 3, H W)
     k = h * w
     median = flat.kthvalue((k + 1) // 2, dim=2, keepdim=True).values  # (N, 3, 1): the ground's colour
-    dist = (flat - median).square().sum(1).sqrt()  # (N, H W)
+    # (N, H W). The clamp keeps the gradient finite where a pixel has the ground's colour exactly (sqrt's slope at 0 is
+    # infinite), which terms that back-propagate into decoded images through these maps reach; the values it changes
+    # (0 -> 1e-15) vanish in float32 wherever they are used.
+    dist = (flat - median).square().sum(1).clamp_min(1e-30).sqrt()
     top = dist.kthvalue(max(1, round(CONTRAST_TOP * k)), dim=1, keepdim=True).values.clamp_min(1e-3)
     return median, (dist / top).clamp(max=1)
 

@@ -308,6 +308,11 @@ def test_the_contrast_map_has_neither_colour_nor_polarity() -> None:
     assert torch.equal(contrast(x)[:, 0], contrast(x)[:, 2])
     assert contrast(x.to(torch.bfloat16)).dtype == torch.bfloat16
     assert contrast(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    # the gradient into the image stays finite where pixels have the ground's colour exactly (the code cycle and the
+    # removal terms back-propagate into decoded images through these maps)
+    image = paint((0.8, -0.6, -0.6), (-0.5, 0.4, -0.2)).requires_grad_(True)
+    (contrast(image).sum() + colours(image).sum()).backward()
+    assert torch.isfinite(image.grad).all()
 
 
 def test_common_input_contrast_feeds_the_common_encoder_alone() -> None:
