@@ -267,6 +267,38 @@ def test_digit_pairs_resume_exactly_and_shard_ranks(mnist_root) -> None:
     assert json.loads(json.dumps(d)) == d
 
 
+def test_jitter_warps_mnist_digits_by_their_position_alone(mnist_root) -> None:
+    """Jittered batches: a function of (seed, position) that resumes and shards as the plain stream does; each MNIST
+    digit moved (a shifted, turned copy of itself, not another digit), SynDigits untouched, strength 0 the identity."""
+    root, _ = mnist_root
+    plain, warped = DigitPairs("mnist_syndigits", root=root), DigitPairs("mnist_syndigits", root=root, jitter=1.0)
+    a0, b0 = next(plain.batches(8, seed=7, start_step=3))
+    a1, b1 = next(warped.batches(8, seed=7, start_step=3))
+    assert torch.equal(b0, b1) and a1.shape == a0.shape and a1.min() >= -1 and a1.max() <= 1
+    assert ((a1 - a0).abs().flatten(1).mean(1) > 0.01).all()  # every digit warped: by its stream and position
+    assert torch.equal(a1, digits.jitter(a0, 7, 0, torch.arange(24, 32), 1.0))  # step 3 of 8: positions 24 ... 31
+    # A warp is small: a blob in the centre moves by about the shift bound (1.6 px each way; scale and shear stretch
+    # the shift by up to 1.1 x 1.15) and no more.
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    blob = (torch.exp(-((xx - 15.5) ** 2 + (yy - 15.5) ** 2) / 18) * 2 - 1).expand(64, 3, 32, 32)
+    mass = (digits.jitter(blob, 1, 0, torch.arange(64), 1.0)[:, 0] + 1).flatten(1)
+    centre = torch.stack([(mass * xx.flatten()).sum(1), (mass * yy.flatten()).sum(1)], 1) / mass.sum(1, keepdim=True)
+    off = (centre - 15.5).abs()
+    assert off.max() <= 1.6 * 1.1 * 1.15 + 0.05 and off.max() > 0.8 and len({tuple(r) for r in off.round(decimals=3).tolist()}) == 64
+    assert torch.equal(next(warped.batches(8, seed=7, start_step=3))[0], a1)  # resumes exactly
+    r1 = next(warped.batches(4, seed=7, start_step=0, rank=1, world_size=2))[0]
+    assert torch.equal(r1, next(warped.batches(4, seed=7, start_step=1))[0])  # rank 1's positions are 4 ... 7
+    assert not torch.equal(next(warped.batches(8, seed=8, start_step=3))[0], a1)
+    assert torch.equal(digits.jitter(a0, 7, 0, torch.arange(8), 0.0), a0)
+    assert warped.describe()["jitter"] == 1.0 and plain.describe()["jitter"] == 0.0
+    with pytest.raises(ValueError, match="negative"):
+        DigitPairs("mnist_syndigits", root=root, jitter=-0.5)
+    with pytest.raises(ValueError, match="jitter warps digits"):
+        recipes.Data(source="synthetic", jitter=1.0)
+    data = recipes.Data(source="digits", pair="mnist_syndigits", image_size=32, root=str(root), jitter=0.5)
+    assert recipes.build_source(data).jitter == 0.5
+
+
 def test_the_digits_data_source_of_a_recipe(mnist_root, tmp_path: Path) -> None:
     root, _ = mnist_root
     data = recipes.Data(source="digits", pair="mnist_syndigits", image_size=32, root=str(root))

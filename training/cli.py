@@ -35,11 +35,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--recipe", metavar="NAME", help="training/recipes/NAME.toml or a path to a .toml file (`did recipes` lists them; "
                                     "default: the pair's shipped recipe for a synthetic or digit pair, `paper` for celeba, `folders` for folders)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory; re-run the same command to continue a run")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory; re-run the same command to continue")
     data = p.add_argument_group("data (overrides the recipe's [data])")
     for f in dataclasses.fields(Data):
         flag = "--data" if f.name == "source" else f"--{f.name.replace('_', '-')}"
-        kind = int if f.type in ("int", int) else str
+        kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
         data.add_argument(flag, dest=f"data_{f.name}", type=kind, metavar=f.name.upper(), help=f.metadata["help"])
     over = p.add_argument_group("overrides (recorded in the card)")
     over.add_argument("--weight", action="append", default=[], metavar="TERM=W",

@@ -600,12 +600,39 @@ def labelled_batches(domain: str, split: str, batch: int, *, seed: int = 0, star
         yield stream.batch(seed, step * batch, batch, device)
 
 
-class _Stream:
-    """One domain's endless stream: the items at positions first ... first + count - 1 for a seed."""
+# `jitter`'s warp at strength 1: the bound of each draw (rotation in radians, scale and shift as fractions of the
+# image's half-width, shear as a factor), about what separates two people's way of writing the same digit.
+JITTER_BOUNDS: dict[str, float] = {"rotation": 0.18, "scale": 0.1, "shear": 0.15, "shift_x": 0.1, "shift_y": 0.1}
+_JITTER_KEYS = [_key(f"digits/jitter/{name}") for name in JITTER_BOUNDS]
 
-    def __init__(self, domain: str, split: str, number: int, root: Root):
+
+def jitter(images: torch.Tensor, seed: int, stream: int, positions: torch.Tensor, strength: float) -> torch.Tensor:
+    """Images (N, C, S, S) each warped by a small affine map of its own (`JITTER_BOUNDS` x `strength`: rotation
+    within +-10.3 degrees, scale within +-10%, shear within +-0.15, shift within about +-1.6 px at strength 1), drawn
+    from (seed, stream, position) alone, so a run's batches stay a pure function of its step; bilinear, the
+    borders extended. Strength 0 returns the images."""
+    if strength < 0:
+        raise ValueError(f"jitter strength must not be negative, not {strength}")
+    if strength == 0:
+        return images
+    dev = images.device
+    h = _mix(positions.to(dev, torch.int64) ^ _mix_int(_key(f"digits/jitter/{stream}") ^ seed))
+    u = (_unit(_mix(h[:, None] ^ torch.tensor(_JITTER_KEYS, dtype=torch.int64, device=dev))) * 2 - 1) * strength
+    angle, scale, shear, dx, dy = (u[:, i] * bound for i, bound in enumerate(JITTER_BOUNDS.values()))
+    cos, sin = torch.cos(angle) / (1 + scale), torch.sin(angle) / (1 + scale)
+    theta = torch.stack([torch.stack([cos, shear - sin, dx], 1), torch.stack([sin, cos, dy], 1)], 1)
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class _Stream:
+    """One domain's endless stream: the items at positions first ... first + count - 1 for a seed; a finite
+    domain's digits warped by `jitter` of strength `jitter_strength` (SynDigits vary by their renderer)."""
+
+    def __init__(self, domain: str, split: str, number: int, root: Root, jitter_strength: float = 0.0):
         self.domain, self.split, self.number = domain, split, number  # `number`: the domain's slot in a pair
         self.data = None if domain == "syndigits" else _finite(domain, split, root)
+        self.jitter = jitter_strength if self.data is not None else 0.0
 
     def batch(self, seed: int, first: int, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.data is None:
@@ -613,7 +640,9 @@ class _Stream:
             return out.images, out.labels
         n = len(self.data)
         rows = [stream_slot(seed, self.number, pos, n)[0] for pos in range(first, first + count)]
-        return self.data.images(rows).to(device), self.data.labels[rows].to(device)
+        images = jitter(self.data.images(rows).to(device), seed, self.number, torch.arange(first, first + count),
+                        self.jitter)
+        return images, self.data.labels[rows].to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -626,19 +655,22 @@ class DigitPairs:
 
     Sample j of rank r at step t sits at position (t * world_size + r) * batch_size + j of each domain's stream:
     for MNIST / SVHN one shuffled order of the split per epoch (`training.data.stream_slot`, no flips: a mirrored
-    digit is another symbol), for SynDigits image number `position` of the renderer seed `seed`."""
+    digit is another symbol), for SynDigits image number `position` of the renderer seed `seed`. `jitter` > 0 warps
+    each MNIST / SVHN digit by `jitter` of that strength, drawn from its position."""
 
     framing = "none"
 
-    def __init__(self, pair: str, image_size: int = IMAGE_SIZE, root: Root = None):
+    def __init__(self, pair: str, image_size: int = IMAGE_SIZE, root: Root = None, jitter: float = 0.0):
         if pair not in DIGIT_PAIRS:
             raise ValueError(f"unknown digit pair {pair!r}; choose one of {', '.join(DIGIT_PAIRS)}")
         if image_size != IMAGE_SIZE:
             raise ValueError(f"digits are {IMAGE_SIZE} px: the digit pairs need image_size {IMAGE_SIZE} "
                              f"(--image-size {IMAGE_SIZE}), not {image_size}")
-        self.pair, self.image_size, self.root = pair, image_size, str(root) if root else None
+        if jitter < 0:
+            raise ValueError(f"jitter must not be negative, not {jitter}")
+        self.pair, self.image_size, self.root, self.jitter = pair, image_size, str(root) if root else None, float(jitter)
         self.domains: tuple[str, str] = DIGIT_PAIRS[pair]
-        self._streams = [_Stream(d, "train", i, self.root) for i, d in enumerate(self.domains)]
+        self._streams = [_Stream(d, "train", i, self.root, self.jitter) for i, d in enumerate(self.domains)]
         log.info("digits %s: %s", pair, self._counts())
 
     def _counts(self) -> dict[str, int | str]:
@@ -657,6 +689,7 @@ class DigitPairs:
             "image_size": self.image_size,
             "preprocess": "MNIST: 28 px padded by 2 px of black, grey replicated to RGB; SVHN as stored (class "
                           "folders: center crop to 32 px); SynDigits rendered at 32 px",
+            "jitter": self.jitter,
         }
 
     def batches(self, batch_size: int, *, seed: int = 0, start_step: int = 0, rank: int = 0, world_size: int = 1,

@@ -74,10 +74,16 @@ class Data:
     split: str = field(default="train", metadata={"help": "CelebA partition: train, val, test or all"})
     a: str = field(default="", metadata={"help": "folder of domain-a images (folders)"})
     b: str = field(default="", metadata={"help": "folder of domain-b images (folders)"})
+    # jitter 1: each digit turned within +-10 degrees, scaled within +-10%, sheared within +-0.15, shifted about
+    # +-1.6 px (training.digits.JITTER_BOUNDS); SynDigits vary by their renderer and are never warped
+    jitter: float = field(default=0.0, metadata={"help": "digits: how far to warp MNIST / SVHN digits"})
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"data source must be {', '.join(SOURCES[:-1])} or {SOURCES[-1]}, not {self.source!r}")
+        if not self.jitter >= 0 or (self.jitter and self.source != "digits"):
+            raise ValueError(f"jitter warps digits: a number >= 0 with --data digits, not {self.jitter!r} with "
+                             f"--data {self.source}")
 
 
 @dataclass(frozen=True)
@@ -343,7 +349,7 @@ def build_source(data: Data):
             raise ValueError("--data celeba needs --root (the folder holding img_align_celeba/ and list_attr_celeba.txt)")
         return cls(data.root, data.pair, image_size=data.image_size, split=data.split)
     if data.source == "digits":
-        return cls(data.pair, image_size=data.image_size, root=data.root or None)
+        return cls(data.pair, image_size=data.image_size, root=data.root or None, jitter=data.jitter)
     if not (data.a and data.b):
         raise ValueError("--data folders needs --a DIR_A and --b DIR_B")
     return cls(data.a, data.b, image_size=data.image_size)
