@@ -603,7 +603,7 @@ def labelled_batches(domain: str, split: str, batch: int, *, seed: int = 0, star
 # `jitter`'s warp at strength 1: the bound of each draw (rotation in radians, scale and shift as fractions of the
 # image's half-width, shear as a factor), about what separates two people's way of writing the same digit.
 JITTER_BOUNDS: dict[str, float] = {"rotation": 0.18, "scale": 0.1, "shear": 0.15, "shift_x": 0.1, "shift_y": 0.1}
-_JITTER_KEYS = [_key(f"digits/jitter/{name}") for name in JITTER_BOUNDS]
+_KEYS["jitter"] = [_key(f"digits/jitter/{name}") for name in JITTER_BOUNDS]
 
 
 def jitter(images: torch.Tensor, seed: int, stream: int, positions: torch.Tensor, strength: float) -> torch.Tensor:
@@ -617,7 +617,7 @@ def jitter(images: torch.Tensor, seed: int, stream: int, positions: torch.Tensor
         return images
     dev = images.device
     h = _mix(positions.to(dev, torch.int64) ^ _mix_int(_key(f"digits/jitter/{stream}") ^ seed))
-    u = (_unit(_mix(h[:, None] ^ torch.tensor(_JITTER_KEYS, dtype=torch.int64, device=dev))) * 2 - 1) * strength
+    u = (_unit(_mix(h[:, None] ^ _keys("jitter", dev))) * 2 - 1) * strength
     angle, scale, shear, dx, dy = (u[:, i] * bound for i, bound in enumerate(JITTER_BOUNDS.values()))
     cos, sin = torch.cos(angle) / (1 + scale), torch.sin(angle) / (1 + scale)
     theta = torch.stack([torch.stack([cos, shear - sin, dx], 1), torch.stack([sin, cos, dy], 1)], 1)
