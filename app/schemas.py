@@ -15,8 +15,8 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 CodeSource = Annotated[
     Annotated[str, Field(max_length=128)] | Annotated[list[FiniteFloat], Field(max_length=65536)] | None,
     Field(description='a latent id (that latent\'s code of the same name), "zero" or null (all zeros), or the code\'s '
-          "numbers flattened from (C, H, W): H = W = 2, or the common_map of a model whose common code is larger; their "
-          "count per code is in GET /models"),
+          "numbers flattened from (C, H, W): H = W = 2, or the common_map of a model whose common code is larger, or 1 "
+          "for the separate codes of a model whose separate_map is 1; their count per code is in GET /models"),
 ]
 
 

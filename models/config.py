@@ -28,7 +28,10 @@ class ModelConfig:
     max_width: int = 512  # ... up to this cap
     code_channels: int = 512  # common + sep_a + sep_b channels of the 2x2 code map
     sep_channels: int = 25  # channels of each separate code
-    common_map: int = 2  # side of the common code's map (the separate codes' map is 2x2)
+    common_map: int = 2  # side of the common code's map
+    # side of each separate code's map: 2 (the published), or 1, one code for the whole image (the average of the
+    # 2x2 map), which can say how an image looks but not where its shapes lie (the digit pairs: docs/research.md)
+    separate_map: int = 2
     # the common encoder reads the image, or its contrast map (the digit pairs; the separate encoders then also read
     # each image's ground and stroke colours, which the contrast map leaves out)
     common_input: CommonInput = "image"
@@ -50,6 +53,8 @@ class ModelConfig:
         m = self.common_map
         if m < 2 or m & (m - 1) or m > s // 4:
             raise ValueError(f"common_map must be a power of two from 2 to image_size / 4 = {s // 4}, not {m}")
+        if self.separate_map not in (1, 2):
+            raise ValueError(f"separate_map must be 1 or 2, not {self.separate_map!r}")
         if self.common_input not in COMMON_INPUTS:
             raise ValueError(f"common_input must be one of {COMMON_INPUTS}, not {self.common_input!r}")
         if not self.domain_a or not self.domain_b or self.domain_a == self.domain_b:
@@ -71,8 +76,8 @@ class ModelConfig:
 
     @property
     def code_shape(self) -> tuple[int, int]:
-        """Spatial size of a separate code's map."""
-        return (2, 2)
+        """Spatial size of a separate code's map: 2x2, or 1x1 for a code of the whole image."""
+        return (self.separate_map, self.separate_map)
 
     @property
     def common_shape(self) -> tuple[int, int]:
@@ -95,7 +100,7 @@ class ModelConfig:
     @property
     def sep_size(self) -> int:
         """Numbers in one separate code (100 for the published sizes)."""
-        return self.sep_channels * 4
+        return self.sep_channels * self.separate_map**2
 
     @property
     def common_size(self) -> int:

@@ -137,7 +137,8 @@ def _values(option: bool | float | int | str | torch.Tensor) -> set:
 
 
 def _spread(code: torch.Tensor, side: int) -> torch.Tensor:
-    """A separate code's 2x2 map at a larger common map's side: each cell over its quarter of the map."""
+    """A separate code's map at a larger common map's side: each cell of a 2x2 code over its quarter of the map, a
+    1x1 code over all of it."""
     k = side // code.shape[-1]
     return code if k == 1 else code.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
 
@@ -150,8 +151,8 @@ class Disentangler(nn.Module):
         self.config = config
         self.enc_common = Encoder(config, config.common_channels, config.common_map, config.common_input)
         separate = "image+colours" if config.common_input == "contrast" else "image"
-        self.enc_a = Encoder(config, config.sep_channels, reads=separate)
-        self.enc_b = Encoder(config, config.sep_channels, reads=separate)
+        self.enc_a = Encoder(config, config.sep_channels, config.separate_map, separate)
+        self.enc_b = Encoder(config, config.sep_channels, config.separate_map, separate)
         self.decoder = Decoder(config)
 
     @property

@@ -40,11 +40,13 @@ def _strides(layers: int, halvings: int) -> list[int]:
 
 
 class Encoder(nn.Module):
-    """Image (N, 3, S, S) -> code map (N, out_channels, map_side, map_side), 2x2 unless a larger common map is asked.
+    """Image (N, 3, S, S) -> code map (N, out_channels, map_side, map_side), 2x2 unless a larger common map or a
+    pooled (1x1) separate code is asked.
 
     The same class is the common encoder E_c (out_channels = common) and both separate encoders E_sA, E_sB
     (out_channels = sep). 128 px: 3 -> 32 (64x64) -> 64 (32) -> 128 (16) -> 256 (8) -> 512 (4) -> out (2). A
-    larger map_side keeps the layer count and widths: the layers past that side are 3x3 stride-1 convolutions.
+    larger map_side keeps the layer count and widths: the layers past that side are 3x3 stride-1 convolutions. A
+    map_side of 1 averages the 2x2 code over the map.
 
     `reads`: "image"; "contrast", the image's contrast map (`contrast`), for a common encoder that should see shapes
     without colours; "image+colours", the image, with its ground and stroke colours (`colours`) added to the code
@@ -54,8 +56,9 @@ class Encoder(nn.Module):
     def __init__(self, config: ModelConfig, out_channels: int, map_side: int = 2, reads: str = "image"):
         super().__init__()
         self.reads = reads
+        self.pooled = map_side == 1  # the 2x2 map averaged into one code of the whole image
         widths = (3, *config.hidden_widths)
-        strides = _strides(config.num_layers, config.halvings(map_side))
+        strides = _strides(config.num_layers, config.halvings(max(map_side, 2)))
         self.image_size = config.image_size
         self.body = nn.Sequential(*(_down(c_in, c_out, norm=i > 0, stride=st)
                                     for i, (c_in, c_out, st) in enumerate(zip(widths, widths[1:], strides))))
@@ -70,6 +73,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         code = self.head(self.body(contrast(x) if self.reads == "contrast" else x))
+        if self.pooled:
+            code = code.mean((2, 3), keepdim=True)
         if self.colour is None:
             return code
         return code + self.colour(colours(x).to(code.dtype))[:, :, None, None]

@@ -280,6 +280,38 @@ def test_a_larger_common_map_keeps_the_layout(side: int) -> None:
         assert torch.allclose(model.decode(*codes), ready.decode(*codes), atol=1e-5)
 
 
+def test_a_pooled_separate_code_is_one_code_of_the_whole_image() -> None:
+    """separate_map=1: each separate code is the average of the encoder's 2x2 map (plus the colours, for a
+    contrast-reading model), one (C, 1, 1) code that reaches every cell of the decoder's input; the edits and
+    inference_ready work on it, the card keeps the setting, a card without it means 2x2, and other sides are refused."""
+    torch.manual_seed(5)
+    cfg = preset("tiny", image_size=32, common_map=8, common_input="contrast", separate_map=1)
+    assert cfg.code_shape == (1, 1) and cfg.sep_size == cfg.sep_channels and cfg.part_shape("sep_b") == (cfg.sep_channels, 1, 1)
+    model = Disentangler(cfg).eval()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        codes = model.encode(x)
+        assert codes.sep_a.shape == codes.sep_b.shape == (4, cfg.sep_channels, 1, 1)
+        grid = model.enc_b.head(model.enc_b.body(x))
+        assert grid.shape[-2:] == (2, 2)
+        torch.testing.assert_close(codes.sep_b, grid.mean((2, 3), keepdim=True) + model.enc_b.colour(colours(x))[:, :, None, None])
+        spread = codes.sep_b.expand(-1, -1, 8, 8)
+        direct = model.decoder(torch.cat([codes.common, torch.zeros_like(spread), spread], dim=1))
+        torch.testing.assert_close(model.decode(codes.common, None, codes.sep_b), direct)
+        moved = model.transfer(x[:2], x[2:], target=1)
+        torch.testing.assert_close(moved, model.decode(codes.common[:2], None, codes.sep_b[2:]))
+        ready = Disentangler(cfg).eval()
+        ready.load_state_dict(model.state_dict())
+        inference_ready(ready)
+        for w, g in zip(codes, ready.encode(x)):
+            assert torch.allclose(w, g, atol=1e-5)
+    assert ModelConfig.from_dict(cfg.to_dict()).separate_map == 1
+    assert ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "separate_map"}).code_shape == (2, 2)
+    for bad in (0, 3, 4):
+        with pytest.raises(ValueError, match="separate_map"):
+            ModelConfig(image_size=32, separate_map=bad)
+
+
 @pytest.mark.parametrize("bad", [1, 3, 16])
 def test_rejects_bad_common_maps(bad: int) -> None:
     with pytest.raises(ValueError, match="common_map"):

@@ -206,14 +206,15 @@ def test_model_selection(make_service, two_model_weights):
     assert other.get("/models").json()["default"] == "smile_glasses"
 
 
-@pytest.mark.parametrize("common_map,common_input", [(2, "image"), (8, "image"), (8, "contrast")])
-def test_transfer_on_a_32_px_digits_model(make_service, tmp_path, common_map, common_input):
+@pytest.mark.parametrize("common_map,common_input,separate_map", [(2, "image", 2), (8, "image", 2), (8, "contrast", 1)])
+def test_transfer_on_a_32_px_digits_model(make_service, tmp_path, common_map, common_input, separate_map):
     """A digits model (32 px, one encoder layer fewer than 64; its common code a 2x2 or an 8x8 map, read from the
-    image or, as the digit recipe's, from its contrast map) loads, warms up and answers like the core, at its own
-    resolution and at the upload's size; its latents travel at their own shapes through /encode and /decode."""
+    image or, as the digit recipe's, from its contrast map beside separate codes of the whole image) loads, warms up
+    and answers like the core, at its own resolution and at the upload's size; its latents travel at their own
+    shapes through /encode and /decode."""
     torch.manual_seed(3)
     cfg = models.preset("tiny", image_size=32, domain_a="mnist", domain_b="syndigits", common_map=common_map,
-                        common_input=common_input)
+                        common_input=common_input, separate_map=separate_map)
     models.save(models.Disentangler(cfg), tmp_path / "mnist_syndigits")
     client = make_service(weights=tmp_path)
     assert client.get("/models").json()["models"][0]["image_size"] == 32
@@ -230,7 +231,8 @@ def test_transfer_on_a_32_px_digits_model(make_service, tmp_path, common_map, co
     r = transfer(client, content, guide, target="b", output="full")
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (28, 28)
     sizes = client.get("/models").json()["models"][0]["code_sizes"]
-    assert sizes == {"common": cfg.common_channels * common_map**2, "sep_a": cfg.sep_channels * 4, "sep_b": cfg.sep_channels * 4}
+    sep = cfg.sep_channels * separate_map**2
+    assert sizes == {"common": cfg.common_channels * common_map**2, "sep_a": sep, "sep_b": sep}
     jc, jg = encode(client, content, include_latents="true"), encode(client, guide, include_latents="true")
     assert len(jc["latents"]["common"]) == sizes["common"]
     r = client.post("/decode", json={"common": jc["latents"]["common"], "sep_b": jg["latents"]["sep_b"]})

@@ -175,10 +175,11 @@ def test_a_run_directory_continues_only_its_own_plan(tiny_recipe: Path, tmp_path
 def test_set_gives_a_model_field_the_recipe_leaves_unset_its_own_type() -> None:
     """--set of a model size or setting the recipe file does not name: a whole number or a word, as ModelConfig
     declares it, and the model the recipe builds has it."""
-    recipe, record = recipes.override(recipes.load("smile_glasses"), settings={"common_map": "4", "common_input": "contrast"})
-    assert record["set"] == {"common_map": "4", "common_input": "contrast"}
+    settings = {"common_map": "4", "common_input": "contrast", "separate_map": "1"}
+    recipe, record = recipes.override(recipes.load("smile_glasses"), settings=settings)
+    assert record["set"] == settings
     config = recipe.model_config(recipe.stages[0], ("a", "b"))
-    assert (config.common_map, config.common_input) == (4, "contrast")
+    assert (config.common_map, config.common_input, config.separate_map) == (4, "contrast", 1)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -189,6 +190,7 @@ def test_set_gives_a_model_field_the_recipe_leaves_unset_its_own_type() -> None:
     (["--set", "lr=fast"], "not a valid value"),
     (["--set", "common_map=big"], "not a valid value"),
     (["--set", "common_input=grey"], "common_input must be one of"),
+    (["--set", "separate_map=3"], "separate_map must be 1 or 2"),
     (["--stage-steps", "0"], "at least 1"),
     (["--image-size", "100"], "power of two"),
     (["--data", "celeba"], "--root"),

@@ -125,6 +125,7 @@ class Recipe:
     sep_channels: int | None = None
     code_channels: int | None = None
     common_map: int | None = None
+    separate_map: int | None = None
     common_input: str | None = None  # models.config.COMMON_INPUTS
     seed: int = 0
     betas: tuple[float, float] = (0.5, 0.999)
