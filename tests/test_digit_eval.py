@@ -107,7 +107,7 @@ def test_did_judge_train_refuses_a_domain_without_digits(tmp_path: Path, capsys:
 # --- did eval ---------------------------------------------------------------------------------------------------
 
 DIGIT_KEYS = ("format", "model", "judges", "data", "directions", "label_kept", "no_adaptation", "guide_label",
-              "classifier_accuracy", "recon_psnr", "recon_label", "common_label", "seconds")
+              "classifier_accuracy", "recon_psnr", "recon_label", "common_label", "shape_kept", "seconds")
 
 
 def _check_rate(r: dict, n: int) -> None:
@@ -136,6 +136,8 @@ def test_did_eval_of_a_digits_model_writes_every_key(tmp_path: Path, judges: Pat
         for r in result[key].values():
             _check_rate(r, 16)
     assert all(math.isfinite(v) for v in result["recon_psnr"].values()) and set(result["recon_psnr"]) == {"a", "b"}
+    for d in ("a_to_b", "b_to_a"):
+        _check_rate(result["shape_kept"][d], 16)
     assert result["model"]["sha256"] == json.loads(card.read_text())["tensors"]["sha256"]
     for domain, info in result["judges"].items():
         assert info["domain"] == domain
@@ -170,6 +172,47 @@ def test_no_adaptation_is_the_target_classifier_on_the_sources(tmp_path: Path, j
         src = evaluate._fit(images, model.config.image_size)
         assert result["recon_label"]["mnist"] == digit_judge.accuracy(loaded["mnist"], model.reconstruct(src), labels)
         assert result["common_label"]["mnist"] == digit_judge.accuracy(loaded["mnist"], model.remove(src, "both"), labels)
+
+
+def test_shape_kept_reads_the_references_the_renderer_draws(tmp_path: Path, judges: Path):
+    """Measured independently: the MNIST digits in their guides' colours (the guides `did eval` pairs them with)
+    and the SynDigits' centre digits alone, each read by the other domain's classifier; other pairs have none."""
+    model = models.load(_digits_model(tmp_path))
+    loaded = {d: digit_judge.load(digit_judge.default_path(d, judges)) for d in ("mnist", "syndigits")}
+    result = evaluate.evaluate_digits(model, loaded, n=20, seed=9, device="cpu")
+    img_a, lab_a = digits.labelled("mnist", "test", seed=9, n=20)
+    rendered = digits.render(range(20), 9, "test")
+    guide_ab = torch.randint(20, (20,), generator=torch.Generator().manual_seed(9))
+    guides = digits.Rendered(*(field[guide_ab] for field in rendered))
+    drawn = digits.in_guide_colours(((img_a + 1) / 2).mean(1, keepdim=True), guides)
+    assert result["shape_kept"]["a_to_b"] == digit_judge.accuracy(loaded["syndigits"], drawn, lab_a)
+    alone = rendered.masks.repeat(1, 3, 1, 1) * 2 - 1
+    assert result["shape_kept"]["b_to_a"] == digit_judge.accuracy(loaded["mnist"], alone, rendered.labels)
+    assert evaluate._shape_kept(("mnist", "svhn"), (img_a, lab_a), (img_a, lab_a), guide_ab,
+                                (loaded["mnist"], loaded["mnist"]), seed=9, batch=8) is None
+
+
+def test_in_guide_colours_draws_ink_and_ground_where_the_coverage_says():
+    """Without blur a pixel of coverage 1 takes the guide's ink colour, 0 its ground, 0.5 halfway; the colours are
+    the guide's own (its ink where its centre digit is solid, its ground far from it)."""
+    guides = digits.render(range(6), 3, "test")
+    coverage = torch.zeros(6, 1, 32, 32)
+    coverage[:, :, :, 10:20] = 1
+    coverage[:, :, :, 20:22] = 0.5
+    out = (digits.in_guide_colours(coverage, guides, blur=0) + 1) / 2
+    x = (guides.images + 1) / 2
+    for i in range(6):
+        solid = guides.masks[i, 0] > 0.7
+        ink = x[i][:, solid].mean(1)
+        ground = x[i][:, guides.masks[i, 0] < 0.02].median(1).values
+        assert torch.allclose(out[i, :, 5, 15], ink, atol=1e-5)
+        assert torch.allclose(out[i, :, 5, 2], ground, atol=1e-5)
+        assert torch.allclose(out[i, :, 5, 21], (ink + ground) / 2, atol=1e-5)
+        assert (out[i] == out[i, :, :1]).all()  # the same in every row: no texture, no neighbours
+    blurred = (digits.in_guide_colours(coverage, guides) + 1) / 2
+    assert torch.allclose(blurred[:, :, :, 15], out[:, :, :, 15], atol=1e-3)  # inside the stroke, unchanged
+    edge = blurred[:, :, 5, 9] - out[:, :, 5, 9]
+    assert (edge.abs().sum(1) > 0.01).all()  # the stroke's edge spreads outward
 
 
 def test_did_eval_records_the_digit_headline_in_the_card(tmp_path: Path, judges: Path):

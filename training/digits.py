@@ -550,6 +550,28 @@ def _draw(idx: torch.Tensor, seed: int, split: str) -> Rendered:
     return Rendered(img.clamp_(0, 1).mul_(2).sub_(1), label, mask)
 
 
+SHAPE_BLUR = 1.0  # px: the blur of `in_guide_colours`, within the renderer's range (0-1.3)
+
+
+def in_guide_colours(coverage: torch.Tensor, guides: Rendered, blur: float = SHAPE_BLUR) -> torch.Tensor:
+    """Digits given as ink coverage (N, 1, 32, 32) in [0, 1], drawn as the SynDigits `guides` draw theirs: each in
+    its guide's ink colour (the mean where the guide's centre digit covers more than 0.7 of a pixel) on its guide's
+    ground colour (the median where it covers under 0.02), blurred by the renderer's Gaussian of sigma `blur` px.
+    (N, 3, 32, 32) in [-1, 1]: the translation into SynDigits of a method that kept each digit's strokes exactly
+    and took only colours and blur from the guide, the reference `did eval` sets beside its own (`shape_kept`)."""
+    x, mask = (guides.images.float() + 1) / 2, guides.masks.float()
+    solid = (mask > 0.7).to(x.dtype)
+    ink = (x * solid).sum((2, 3)) / solid.sum((2, 3)).clamp_min(1)
+    far = mask[:, 0] < 0.02
+    ground = torch.stack([img[:, sel].median(1).values if sel.any() else img.flatten(1).median(1).values
+                          for img, sel in zip(x, far)])
+    out = ground[:, :, None, None] + (ink - ground)[:, :, None, None] * coverage.float()
+    if blur > 0:
+        b = _blur_matrices(torch.full((len(out),), float(blur), device=out.device))[:, None]
+        out = b @ out @ b.transpose(-1, -2)
+    return (out.clamp(0, 1) * 2 - 1).to(coverage.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The evaluation's and the classifiers' access
 

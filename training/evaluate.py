@@ -361,7 +361,9 @@ def evaluate_digits(model: Disentangler, judges: dict[str, "DigitJudge"], *, n: 
     digit is lost: `recon_label`, each domain's classifier on the model's reconstructions of its own digits (a
     translation is drawn by the same decoder), and `common_label`, on the decode of the common code alone,
     G(E_c(x), 0, 0) (`remove(x, 'both')`): how much of the digit the common code carries, the code a translation
-    keeps. Every rate comes with its counts."""
+    keeps. `shape_kept` (mnist/syndigits only; None for other pairs): the same classifiers on references that
+    need no model, a translation that would keep every source digit's strokes exactly (`_shape_kept`). Every rate
+    comes with its counts."""
     from . import digit_judge, digits
 
     start = time.perf_counter()
@@ -418,6 +420,8 @@ def evaluate_digits(model: Disentangler, judges: dict[str, "DigitJudge"], *, n: 
                         dom_b: rate(judge_b.predict(rec_b, batch) == lab_b)},
         "common_label": {dom_a: rate(judge_a.predict(com_a, batch) == lab_a),
                          dom_b: rate(judge_b.predict(com_b, batch) == lab_b)},
+        "shape_kept": _shape_kept((dom_a, dom_b), (img_a, lab_a), (img_b, lab_b), guide_ab, (judge_a, judge_b),
+                                  seed=seed, batch=batch),
     }
     published = PUBLISHED_ADAPTATION.get((dom_a, dom_b))
     if published:
@@ -426,6 +430,31 @@ def evaluate_digits(model: Disentangler, judges: dict[str, "DigitJudge"], *, n: 
         result["dtype"] = str(dtype).removeprefix("torch.")
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def _shape_kept(domains: tuple[str, str], a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor],
+                guide_ab: torch.Tensor, judges: tuple["DigitJudge", "DigitJudge"], *, seed: int,
+                batch: int) -> dict[str, Any] | None:
+    """References for MNIST <-> SynDigits that keep each source digit's shape exactly, read like the translations
+    and paired with the same guides. a_to_b: each MNIST digit (white on black, so its brightness is its ink
+    coverage) drawn in its SynDigits guide's ink and ground colours with the renderer's blur
+    (`digits.in_guide_colours`). b_to_a: each SynDigit's centre digit alone, the renderer's coverage of it white
+    on black: no neighbours, blur or colour. A translation that keeps the strokes and changes only what the
+    domains' styles differ in reads about as well as these; above them it would have to redraw a handwritten
+    digit as a typeface one, or a typeface one as handwriting, which each classifier (trained on its own domain
+    only) needs and a common code that carries the shape does not give."""
+    from . import digit_judge, digits
+
+    if domains != ("mnist", "syndigits"):
+        return None
+    (img_a, lab_a), (img_b, lab_b) = a, b
+    rendered = digits.render(torch.arange(len(img_b)), seed, "test")  # `labelled`'s SynDigits, with their masks
+    guides = digits.Rendered(*(field[guide_ab] for field in rendered))
+    drawn = digits.in_guide_colours(((img_a.float() + 1) / 2).mean(1, keepdim=True), guides)
+    alone = rendered.masks.expand(-1, 3, -1, -1) * 2 - 1
+    judge_a, judge_b = judges
+    return {"a_to_b": digit_judge.rate(judge_b.predict(drawn, batch) == lab_a),
+            "b_to_a": digit_judge.rate(judge_a.predict(alone, batch) == lab_b), "blur_px": digits.SHAPE_BLUR}
 
 
 def _digit_judge_info(judge: "DigitJudge", path: str | Path | None) -> dict[str, Any]:
@@ -522,7 +551,8 @@ def _count(r: dict[str, Any] | None) -> str:
 
 def digits_markdown(results: list[dict[str, Any]]) -> str:
     """The domain-adaptation table, one row per (model, direction): the target classifier's accuracy on the
-    translations (label kept), on the untranslated sources (no adaptation) and on its own domain (the ceiling),
+    translations (label kept), on the untranslated sources (no adaptation), on the references that keep each
+    digit's shape (`shape_kept`, where there are) and on its own domain (the ceiling),
     how often it read the guide's digit, the published number where there is one, the source's reconstruction, and
     how much of the source's digit its reconstruction and its common code alone keep (its own domain's classifier)."""
     rows = []
@@ -530,12 +560,15 @@ def digits_markdown(results: list[dict[str, Any]]) -> str:
         domains = r["data"]["domains"]
         for d, own, source, target in (("a_to_b", "a", domains[0], domains[1]), ("b_to_a", "b", domains[1], domains[0])):
             published = r.get("published", {}).get("label_kept", {}).get(d)
+            reference = (r.get("shape_kept") or {}).get(d)
             rows.append([label(r), r["directions"][d], _count(r["label_kept"][d]), _count(r["no_adaptation"][d]),
+                         _count(reference) if reference else "-",
                          _count(r["classifier_accuracy"][target]), _count(r["guide_label"][d]),
                          _fmt(published, True) if published is not None else "-", _fmt(r["recon_psnr"][own]),
                          " / ".join(_fmt(r[k][source]["rate"], True) if k in r else "n/a"
                                     for k in ("recon_label", "common_label"))])
-    return table(("model", "direction", "label kept", "no adaptation", "target classifier on its own domain",
+    return table(("model", "direction", "label kept", "no adaptation", "shape kept (reference)",
+                  "target classifier on its own domain",
                   "guide's label", "published", "source recon PSNR (dB)",
                   "source's own classifier on its reconstruction / common-code decode"), rows) + "\n"
 
