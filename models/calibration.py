@@ -73,7 +73,9 @@ class Calibration:
 
     @property
     def rule(self) -> str:
-        return f"out of domain where the error exceeds {self.margin:g} x p99.9 = {self.threshold:.6g}"
+        # From the threshold as the card stores it (7 decimals), so a calibration read back from its card states
+        # the same rule as the one written: .6g of the unrounded value can round the other way.
+        return f"out of domain where the error exceeds {self.margin:g} x p99.9 = {round(self.threshold, 7):.6g}"
 
     def score(self, errors: torch.Tensor) -> torch.Tensor:
         """Errors (N,) as multiples of the calibration's p99 (1.0: as far off as the 99th percentile)."""

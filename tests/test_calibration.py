@@ -125,6 +125,17 @@ def test_calibrate_and_write_keep_the_card_readable_and_the_tensors_pinned(tmp_p
     assert again.percentiles == pytest.approx(cal.percentiles, rel=1e-5)
 
 
+def test_a_calibration_read_back_from_its_record_states_the_same_rule() -> None:
+    """The card stores the threshold to 7 decimals and the rule beside it; a record read back and written again
+    is the same record for thresholds whose 6-digit rounding sits at a tie after that (0.91902549... rounds
+    down unrounded and up once stored as 0.9190255)."""
+    p = {"p50": 0.1, "p90": 0.2, "p99": 0.3, "p99.9": 0.46, "max": 0.5}
+    thresholds = [0.9190255 - 1e-9, 0.9190255 + 1e-9, *(0.01 + i * 0.00012345679 for i in range(20000))]
+    for t in thresholds:
+        written = Calibration({}, 10, p, 2.0, t).to_dict()
+        assert Calibration.from_dict(written).to_dict() == written, t
+
+
 def test_calibration_images_follow_the_cards_training_data(tmp_path: Path) -> None:
     from tests.celeba_fixture import make_celeba
     from training.data import CelebAPairs, ImageFolderPairs
