@@ -558,7 +558,8 @@ def in_guide_colours(coverage: torch.Tensor, guides: Rendered, blur: float = SHA
     its guide's ink colour (the mean where the guide's centre digit covers more than 0.7 of a pixel) on its guide's
     ground colour (the median where it covers under 0.02), blurred by the renderer's Gaussian of sigma `blur` px.
     (N, 3, 32, 32) in [-1, 1]: the translation into SynDigits of a method that kept each digit's strokes exactly
-    and took only colours and blur from the guide, the reference `did eval` sets beside its own (`shape_kept`)."""
+    and took only colours and blur from the guide, the reference `did eval` sets beside the translations
+    (`shape_kept`)."""
     x, mask = (guides.images.float() + 1) / 2, guides.masks.float()
     solid = (mask > 0.7).to(x.dtype)
     ink = (x * solid).sum((2, 3)) / solid.sum((2, 3)).clamp_min(1)

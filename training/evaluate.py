@@ -440,9 +440,9 @@ def _shape_kept(domains: tuple[str, str], a: tuple[torch.Tensor, torch.Tensor], 
     coverage) drawn in its SynDigits guide's ink and ground colours with the renderer's blur
     (`digits.in_guide_colours`). b_to_a: each SynDigit's centre digit alone, the renderer's coverage of it white
     on black: no neighbours, blur or colour. A translation that keeps the strokes and changes only what the
-    domains' styles differ in reads about as well as these; above them it would have to redraw a handwritten
-    digit as a typeface one, or a typeface one as handwriting, which each classifier (trained on its own domain
-    only) needs and a common code that carries the shape does not give."""
+    domains' styles differ in reads about as well as these. Above them it would have to redraw a handwritten
+    digit as a typeface one, or a typeface one as handwriting: each classifier knows its own domain's shapes only,
+    and a common code that carries the shape keeps the source's."""
     from . import digit_judge, digits
 
     if domains != ("mnist", "syndigits"):
@@ -552,7 +552,7 @@ def _count(r: dict[str, Any] | None) -> str:
 def digits_markdown(results: list[dict[str, Any]]) -> str:
     """The domain-adaptation table, one row per (model, direction): the target classifier's accuracy on the
     translations (label kept), on the untranslated sources (no adaptation), on the references that keep each
-    digit's shape (`shape_kept`, where there are) and on its own domain (the ceiling),
+    digit's shape (`shape_kept`, where the pair has them) and on its own domain (the ceiling),
     how often it read the guide's digit, the published number where there is one, the source's reconstruction, and
     how much of the source's digit its reconstruction and its common code alone keep (its own domain's classifier)."""
     rows = []
