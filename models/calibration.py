@@ -21,6 +21,7 @@ KEY = "calibration"  # the card's key
 MARGIN = 2.0  # the threshold is MARGIN x the p99.9 of the calibration images' errors (see `Calibration`)
 ERROR = "per-image mean squared error of G(E_c(x), E_sA(x), E_sB(x)) against x, both in [-1, 1]"
 PERCENTILES: dict[str, float] = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p99.9": 0.999, "max": 1.0}
+DECIMALS = 7  # the card's percentiles and threshold, rounded to this many decimals
 
 
 @torch.no_grad()
@@ -73,9 +74,9 @@ class Calibration:
 
     @property
     def rule(self) -> str:
-        # From the threshold as the card stores it (7 decimals), so a calibration read back from its card states
-        # the same rule as the one written: .6g of the unrounded value can round the other way.
-        return f"out of domain where the error exceeds {self.margin:g} x p99.9 = {round(self.threshold, 7):.6g}"
+        # From the threshold as the card stores it, so a calibration read back from its card states the same rule
+        # as the one written: .6g of the unrounded value can round the other way.
+        return f"out of domain where the error exceeds {self.margin:g} x p99.9 = {round(self.threshold, DECIMALS):.6g}"
 
     def score(self, errors: torch.Tensor) -> torch.Tensor:
         """Errors (N,) as multiples of the calibration's p99 (1.0: as far off as the 99th percentile)."""
@@ -87,8 +88,8 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": ERROR, "measured_on": {**self.data, "n": self.n},
-                "percentiles": {k: round(v, 7) for k, v in self.percentiles.items()},
-                "margin": self.margin, "threshold": round(self.threshold, 7), "rule": self.rule,
+                "percentiles": {k: round(v, DECIMALS) for k, v in self.percentiles.items()},
+                "margin": self.margin, "threshold": round(self.threshold, DECIMALS), "rule": self.rule,
                 "score": "error / p99"}
 
     @staticmethod
